@@ -1,0 +1,64 @@
+"""Atomic outputs: write under a temporary name in the same folder, rename when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import OutputError
+
+TMP_MARK = ".nuclick-tmp-"
+
+
+def temp_path_for(final: Path) -> Path:
+    """A temporary sibling of ``final`` that ``cleanup_temporaries`` recognises."""
+    return final.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{final.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success replace ``final`` with it, on failure remove it.
+
+    Works for files and folders (a zarr store). The temporary lives beside ``final`` so the rename
+    stays on one file system.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {final.parent}: {exc.strerror or exc}") from exc
+    if not os.access(final.parent, os.W_OK):
+        raise OutputError(f"output folder {final.parent} is not writable")
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        if final.exists() and final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def cleanup_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporaries left in ``folder`` by a killed run; return what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(TMP_MARK):
+                _remove(p)
+                removed.append(p)
+    return removed
