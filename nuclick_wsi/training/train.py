@@ -1,0 +1,213 @@
+"""The NuClick training loop: sampling, loss, validation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import NuclickError
+from ..models.weights import POSTPROCESS_DEFAULTS, build_network, save_checkpoint
+from .datasets import Tile, find_pairs, load_tile
+from .loss import nuclick_loss
+from .sampling import PatchSampler, make_batch
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in the checkpoint)."""
+
+    data: list[str]
+    output: str
+    arch: str = "light-unet"
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    epochs: int = 40
+    samples_per_epoch: int | None = None  #: default: one per clickable object
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 5e-5
+    mpp: float = 0.25
+    patch_size: int = 128
+    device: str = "auto"
+    seed: int = 0
+    val: list[str] = field(default_factory=list)  #: tile names held for validation
+    exclude: list[str] = field(default_factory=list)  #: tile names never used (test tiles)
+    max_minutes: float | None = None
+    use_binary_masks: bool = True
+    task: str = "nuclei"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NuclickError("--device cuda was asked for but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise NuclickError(f"unknown device {name!r} (auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def load_tiles(data: list[str], *, exclude: list[str] = (), use_binary: bool = True, log=print) -> list[Tile]:
+    """Load every image/annotation pair of the given dataset folders (outlines preferred over masks)."""
+    tiles = []
+    for folder in data:
+        for img, ann, kind in find_pairs(folder):
+            if img.stem in exclude or (kind == "binary" and not use_binary):
+                continue
+            tile = load_tile(img, ann, kind=kind)
+            tile.source = f"{ann} ({kind})"
+            tiles.append(tile)
+    if not tiles:
+        raise NuclickError(f"no training tiles found in {', '.join(data)}")
+    log(f"loaded {len(tiles)} tiles, {sum(len(t.targets) for t in tiles)} clickable objects")
+    return tiles
+
+
+@torch.no_grad()
+def validate(net, sampler: PatchSampler, device, batch_size: int, threshold: float = 0.5) -> dict[str, float]:
+    """Loss and mean IoU of the object containing the click, clicks at centroids, no augmentation."""
+    from skimage.morphology import reconstruction
+
+    net.eval()
+    losses, ious = [], []
+    items = sampler.index
+    rng = np.random.default_rng(0)
+    for s in range(0, len(items), batch_size):
+        x, g, go = make_batch(sampler, 0, augment=False, click_at_centroid=True, items=items[s:s + batch_size], rng=rng)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = net(x)
+        losses.append(float(nuclick_loss(logits.float().cpu(), g, go)) * len(x))
+        prob = torch.sigmoid(logits.float()).cpu().numpy()[:, 0]
+        gt = g.numpy()[:, 0] > 0
+        p = prob.shape[-1] // 2
+        for k in range(len(prob)):
+            m = prob[k] > threshold
+            if m[p, p]:
+                seed = np.zeros_like(m)
+                seed[p, p] = True
+                m = reconstruction(seed, m).astype(bool)
+            else:
+                m = np.zeros_like(m)
+            union = (m | gt[k]).sum()
+            ious.append((m & gt[k]).sum() / union if union else 1.0)
+    net.train()
+    return {"loss": float(np.sum(losses) / max(len(items), 1)), "iou": float(np.mean(ious))}
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
+    """Train a NuClick model; resume from ``<output>.last.pt`` when it exists. Returns final metrics."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.output)
+    last = out.with_name(out.stem + ".last.pt")
+    tiles = load_tiles(cfg.data, exclude=cfg.exclude, use_binary=cfg.use_binary_masks, log=log)
+    val_tiles = [t for t in tiles if t.name in cfg.val]
+    train_tiles = [t for t in tiles if t.name not in cfg.val]
+    missing = set(cfg.val) - {t.name for t in val_tiles}
+    if missing:
+        raise NuclickError(f"validation tiles not found: {', '.join(sorted(missing))}")
+    if not val_tiles:  # hold out the last outlined tile
+        outlined = [t for t in train_tiles if "binary" not in t.source]
+        val_tiles = [(outlined or train_tiles)[-1]]
+        train_tiles = [t for t in train_tiles if t is not val_tiles[0]]
+    sampler = PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
+    val_sampler = PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
+    arch_args = {"widths": list(cfg.widths)} if cfg.arch == "light-unet" else {}
+    net = build_network(cfg.arch, arch_args).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    spe = cfg.samples_per_epoch or len(sampler)
+    steps_per_epoch = max(spe // cfg.batch_size, 1)
+    total = steps_per_epoch * cfg.epochs
+    warm = min(200, total // 20 + 1)
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+
+    def progress_at(step: int, elapsed: float) -> float:
+        """Share of the run done: by steps, or by time when --max-minutes is the tighter bound."""
+        p = step / total
+        return max(p, elapsed / budget_s) if budget_s else p
+
+    def set_lr(step: int, elapsed: float) -> None:
+        p = min(progress_at(step, elapsed), 1.0)
+        factor = min(1.0, (step + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * factor
+
+    start_epoch, best, history, elapsed0, gstep = 0, -1.0, [], 0.0, 0
+    if last.exists():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, best, history, gstep = ck["epoch"], ck["best"], ck["history"], ck["step"]
+        elapsed0 = ck.get("elapsed_s", 0.0)
+        sampler.rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        log(f"resumed from {last} at epoch {start_epoch}")
+    meta_base = {
+        "task": cfg.task, "mpp": cfg.mpp, "patch_size": cfg.patch_size,
+        "postprocess": dict(POSTPROCESS_DEFAULTS[cfg.task]),
+        "input": "RGB in [0, 1], inclusion map, exclusion map",
+        "training": {
+            "config": asdict(cfg),
+            "train_tiles": [t.name for t in train_tiles], "val_tiles": [t.name for t in val_tiles],
+            "train_objects": len(sampler), "val_objects": len(val_sampler),
+            "sources": sorted({t.source for t in tiles}),
+        },
+        "package_version": __version__,
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}",
+        "command": " ".join(sys.argv),
+    }
+    t0 = time.time()
+    net.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+        run_loss = 0.0
+        for step in range(steps_per_epoch):
+            x, g, go = make_batch(sampler, cfg.batch_size)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            g, go = g.to(device), go.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = net(x)
+            loss = nuclick_loss(logits, g, go)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            set_lr(gstep, elapsed0 + time.time() - t0)
+            opt.step()
+            gstep += 1
+            run_loss += loss.item()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{run_loss / (step + 1):.4f}")
+        if bar is not None:
+            bar.close()
+        vm = validate(net, val_sampler, device, cfg.batch_size)
+        elapsed = elapsed0 + time.time() - t0
+        history.append({"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch, **{f"val_{k}": v for k, v in vm.items()},
+                        "elapsed_s": round(elapsed, 1)})
+        log(f"epoch {epoch + 1}: train loss {run_loss / steps_per_epoch:.4f}  val loss {vm['loss']:.4f}  val IoU {vm['iou']:.4f}  ({elapsed / 60:.1f} min)")
+        meta = dict(meta_base, validation=dict(vm, epoch=epoch + 1), training=dict(meta_base["training"], epochs_done=epoch + 1, elapsed_s=round(elapsed, 1), history=history))
+        if vm["iou"] > best:
+            best = vm["iou"]
+            save_checkpoint(out, net, cfg.arch, arch_args, meta)
+        save_checkpoint(last, net, cfg.arch, arch_args, meta, extra={
+            "optimizer": opt.state_dict(), "step": gstep, "epoch": epoch + 1, "best": best,
+            "history": history, "rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "elapsed_s": elapsed})
+        if budget_s and elapsed >= budget_s:
+            log(f"stopping after {elapsed / 60:.1f} min (--max-minutes)")
+            break
+    return {"best_val_iou": best, "history": history, "output": str(out)}
