@@ -83,15 +83,8 @@ def rasterize_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np
 
 
 def _read_imagescope(path: Path) -> tuple[list[np.ndarray], float | None]:
-    try:
-        from ..annotations.imagescope import read_imagescope_polygons
-    except ImportError:  # TEMP until the annotations package lands
-        import defusedxml.ElementTree as ET
+    from ..annotations.imagescope import read_imagescope_polygons
 
-        root = ET.parse(path).getroot()
-        mpp = float(root.get("MicronsPerPixel")) if root.get("MicronsPerPixel") else None
-        polys = [np.array([[float(v.get("X")), float(v.get("Y"))] for v in reg.iter("Vertex")]) for reg in root.iter("Region")]
-        return polys, mpp
     polys, mpp = read_imagescope_polygons(path)
     return [np.asarray(p.exterior.coords) for p in polys], mpp
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..engine import resolve_device
 from ..errors import NuclickError
 from ..models.weights import POSTPROCESS_DEFAULTS, build_network, save_checkpoint
 from .datasets import Tile, find_pairs, load_tile
@@ -44,17 +45,6 @@ class TrainConfig:
     max_minutes: float | None = None
     use_binary_masks: bool = True
     task: str = "nuclei"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NuclickError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise NuclickError(f"unknown device {name!r} (auto, cpu, cuda)")
-    return torch.device(name)
 
 
 def load_tiles(data: list[str], *, exclude: list[str] = (), use_binary: bool = True, log=print) -> list[Tile]:
