@@ -110,5 +110,82 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
             click.echo(f"  skipped {n}: {reason}", err=True)
 
 
+@main.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to write (best on validation); OUTPUT.last.pt holds the resumable state.")
+@click.option("--task", type=click.Choice(["nuclei", "gland"]), default="nuclei", show_default=True)
+@click.option("--arch", type=click.Choice(["light-unet", "nuclick"]), default="light-unet", show_default=True)
+@click.option("--widths", default="16,32,64,128", show_default=True, help="light-unet encoder widths.")
+@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--samples-per-epoch", type=click.IntRange(min=1), default=None,
+              help="Default: one per clickable object.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.25, show_default=True,
+              help="um/px the model works at (the training images' resolution).")
+@click.option("--val", "val_tiles", default="", help="Comma-separated image names held out for validation.")
+@click.option("--exclude", default="", help="Comma-separated image names never used (your test tiles).")
+@click.option("--no-binary-masks", is_flag=True, help="Ignore binary-mask-only images.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Time budget: the learning-rate schedule anneals to end on time.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+@_fail_cleanly
+def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, lr, mpp, val_tiles, exclude,
+          no_binary_masks, max_minutes, device, seed, quiet) -> None:
+    """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines)."""
+    from .training.train import TrainConfig, train as run_train
+
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    cfg = TrainConfig(data=[str(d) for d in data], output=str(output), task=task, arch=arch,
+                      widths=[int(w) for w in split(widths)], epochs=epochs, samples_per_epoch=samples_per_epoch,
+                      batch_size=batch_size, lr=lr, mpp=mpp, device=device, seed=seed, val=split(val_tiles),
+                      exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks)
+    result = run_train(cfg, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+    click.echo(f"best validation IoU {result['best_val_iou']:.4f}; weights in {output}")
+
+
+@main.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--weights", default=None, help="Checkpoint to evaluate (default: the embedded model).")
+@click.option("--tiles", default="", help="Comma-separated image names to evaluate (default: every outlined image).")
+@click.option("--jitter", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Move each click by N(0, JITTER) px inside its nucleus.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="um/px of the images when their annotation files do not say.")
+@click.option("--no-baselines", is_flag=True, help="Skip the disk and watershed baselines.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results as JSON.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_fail_cleanly
+def evaluate(data, weights, tiles, jitter, mpp, no_baselines, json_out, seed, device) -> None:
+    """Score a model with the NuClick protocol (a click per ground-truth nucleus): AJI, Dice, DQ, SQ, PQ, Hausdorff."""
+    from .evaluate import evaluate as run_eval, format_table, load_eval_tiles
+    from .models.weights import load_model
+    from .pipeline import SegmentOptions
+
+    names = [t.strip() for t in tiles.split(",") if t.strip()]
+    found = load_eval_tiles([str(d) for d in data], names or None)
+    missing = sorted(set(names) - {t.name for t in found})
+    if missing:
+        raise NuclickError(f"no outlined tiles named {', '.join(missing)} in {', '.join(map(str, data))}")
+    if not found:
+        raise NuclickError(f"no tiles with instance outlines in {', '.join(map(str, data))}")
+    model = load_model(weights)
+    result = run_eval(found, model, mpp=mpp, jitter=jitter, seed=seed, baselines=not no_baselines,
+                      options=SegmentOptions(progress=False, duplicate_px=0, device=device), progress=True)
+    click.echo(format_table(result))
+    for note in result["notes"]:
+        click.echo(f"note: {note}", err=True)
+    if json_out:
+        from .atomic import atomic_output
+
+        with atomic_output(json_out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

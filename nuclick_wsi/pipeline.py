@@ -243,6 +243,37 @@ class _Run:
         stitcher.close()
 
 
+class ArrayLabels:
+    """An in-memory stand-in for :class:`LabelStore` (``write_chunk`` only), for tiles and evaluation."""
+
+    def __init__(self, width: int, height: int, chunk: int) -> None:
+        self.labels = np.zeros((height, width), np.uint32)
+        self.chunk = chunk
+
+    def write_chunk(self, cy: int, cx: int, block: np.ndarray) -> None:
+        c = self.chunk
+        self.labels[cy * c:cy * c + block.shape[0], cx * c:cx * c + block.shape[1]] = block
+
+
+def predict_labels(slide: SlideSource, prompts: Prompts, model: LoadedModel, *, predictor: Predictor | None = None,
+                   options: SegmentOptions | None = None, mpp: float | None = None, stem: str = "array"
+                   ) -> tuple[np.ndarray, list[Instance], dict[int, str]]:
+    """Segment the clicks of ``prompts`` on a small slide, in memory (no files).
+
+    Returns the label image (ids = click index + 1), the instances and, per click index, the reason a
+    click gave no instance. Runs exactly the code path of :func:`segment`.
+    """
+    opts = options or SegmentOptions(progress=False)
+    mpp = mpp if mpp is not None else require_mpp(slide)
+    predictor = predictor or Predictor(model, opts.device, opts.precision)
+    run = _Run(slide, prompts, model, predictor, opts, stem, mpp)
+    run.reasons = {k: r for k, r in enumerate(check_clicks(prompts, slide, opts.duplicate_px)) if r is not None}
+    store = ArrayLabels(slide.width, slide.height, opts.chunk)
+    run.run(store, None)
+    run.instances.sort(key=lambda i: i.label)
+    return store.labels, run.instances, run.reasons
+
+
 def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             options: SegmentOptions | None = None, model: LoadedModel | None = None, weights: str | None = None,
             predictor: Predictor | None = None, stem: str | None = None) -> SegmentResult:
