@@ -164,8 +164,29 @@ def make_batch(sampler: PatchSampler, n: int, *, augment: bool = True, click_at_
         ok = (cx >= 0) & (cx < p) & (cy >= 0) & (cy < p)
         excl[k, 0, cy[ok], cx[ok]] = 1
     if augment:
+        img_o = resolution_augment(img_o, rng)
         img_o = color_augment(img_o, rng)
     return torch.cat([img_o, incl, excl], dim=1), g, g_other
+
+
+def resolution_augment(img: torch.Tensor, rng: np.random.Generator, p: float = 0.3) -> torch.Tensor:
+    """Simulate slides scanned at 20x (or 30x) and upsampled to the model's resolution.
+
+    A share ``p`` of the batch is downsampled by 2 (or 1.5) with area averaging and brought back with
+    bilinear interpolation, which is what reading a 0.5 um/px slide at 0.25 um/px does.
+    """
+    pick = np.flatnonzero(rng.random(img.shape[0]) < p)
+    if not len(pick):
+        return img
+    size = img.shape[-2:]
+    out = img.clone()
+    for factor in (2.0, 1.5):
+        sel = pick[: len(pick) // 2] if factor == 2.0 else pick[len(pick) // 2:]
+        if not len(sel):
+            continue
+        small = F.interpolate(img[sel], scale_factor=1 / factor, mode="area")
+        out[sel] = F.interpolate(small, size=size, mode="bilinear", align_corners=False)
+    return out
 
 
 _NOISE_BANK: dict[tuple[int, ...], torch.Tensor] = {}
