@@ -59,6 +59,7 @@ class SegmentOptions:
     chunk: int = 1024
     gzip: bool = False
     progress: bool = True
+    roi: bool = False  #: skip clicks outside the file's area annotations ("outside the ROI")
 
 
 @dataclass
@@ -119,8 +120,33 @@ def check_clicks(prompts: Prompts, slide: SlideSource, duplicate_px: float) -> l
         for i, j in sorted(tree.query_pairs(duplicate_px)):
             a, b = inside[i], inside[j]
             if reasons[a] is None and reasons[b] is None:
-                reasons[b] = f"duplicate of click {a} (within {duplicate_px:g} px)"
+                # "duplicate (...)": the report groups skipped clicks by the text before " ("
+                reasons[b] = f"duplicate (of click {a}, within {duplicate_px:g} px)"
     return reasons
+
+
+def roi_reasons(prompts: Prompts, reasons: list[str | None], points_path) -> list[str | None]:
+    """``--roi``: clicks outside every region (area annotation) of the file get "outside the ROI".
+
+    A click on a region's edge is inside. A file without regions is an error, and so is a file
+    whose clicks all lie outside its regions.
+    """
+    from shapely import points as _points
+    from shapely.ops import unary_union
+    from shapely.prepared import prep
+
+    if not prompts.regions:
+        raise NuclickError(f"{points_path}: --roi, but the file has no area annotations (polygons) to limit the work to")
+    area = prep(unary_union(prompts.regions))
+    pts = _points([(c.x, c.y) for c in prompts.clicks])
+    out = list(reasons)
+    for k, p in enumerate(pts):
+        if out[k] is None and not area.covers(p):
+            out[k] = f"outside the ROI ({len(prompts.regions)} area annotation(s))"
+    if all(r is not None for r in out) and any(r is None for r in reasons):
+        raise NuclickError(f"{points_path}: --roi: none of its clicks lies inside its {len(prompts.regions)} "
+                           "area annotation(s)")
+    return out
 
 
 class _Run:
@@ -150,11 +176,10 @@ class _Run:
                                          region.width, region.height)
             self.timer.add("read", time.perf_counter() - t)
             t = time.perf_counter()
-            rgb = img.transpose(2, 0, 1).astype(np.float32) / 255.0
             for k in region.clicks:
                 c0, r0 = patch_origin(xs[k], ys[k], region, self.scale, p)
                 n = len(meta)
-                buf[n, :3] = rgb[:, r0:r0 + p, c0:c0 + p]
+                np.multiply(img[r0:r0 + p, c0:c0 + p].transpose(2, 0, 1), np.float32(1 / 255), out=buf[n, :3])
                 buf[n, 3], buf[n, 4] = excl.maps(int(k), p)
                 gx, gy = math.floor(xs[k] / self.scale), math.floor(ys[k] / self.scale)
                 meta.append((int(ids[k]), region.row, (gx - half) * self.scale, (gy - half) * self.scale))
@@ -182,14 +207,16 @@ class _Run:
             grid = ndi.affine_transform(prob, [1 / self.scale, 1 / self.scale], offset=off, output_shape=(h, w),
                                         order=1, mode="nearest")
         seed = (cy - v0, cx - u0)
-        mask, reason = instance_from_probability(grid, seed, self.params)
+        mask, where = instance_from_probability(grid, seed, self.params)
         if mask is None:
-            self.reasons[idx] = reason
+            self.reasons[idx] = where
             return None
+        r0, c0 = where
+        h, w = mask.shape
         seed_mask = np.zeros_like(mask)
-        seed_mask[seed] = True
-        return Piece(label=idx + 1, x0=u0, y0=v0, mask=mask, prob=grid.astype(np.float16), seed=seed_mask,
-                     meta={"index": idx})
+        seed_mask[seed[0] - r0, seed[1] - c0] = True
+        return Piece(label=idx + 1, x0=u0 + c0, y0=v0 + r0, mask=mask, prob=grid[r0:r0 + h, c0:c0 + w].astype(np.float16),
+                     seed=seed_mask, meta={"index": idx})
 
     def retire(self, piece: Piece) -> None:
         t = time.perf_counter()
@@ -309,6 +336,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                 f"{points_path}: none of its {len(reasons)} clicks lies on {slide.path} ({slide.width} x {slide.height} px"
                 f"{', bounds offset ' + str(slide.bounds_offset) if any(slide.bounds_offset) else ''}); "
                 "wrong slide, or clicks in another frame (see --no-bounds-offset)?")
+        if opts.roi:
+            reasons = roi_reasons(prompts, reasons, points_path)
         _check_output_dir(Path(out_dir))
         predictor = predictor or Predictor(model, opts.device, opts.precision)
         run = _Run(slide, prompts, model, predictor, opts, stem, mpp)
