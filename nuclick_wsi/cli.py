@@ -90,17 +90,19 @@ def main() -> None:
 @click.option("--min-hole-px", type=click.FloatRange(min=0), default=None, help="Override: holes smaller than this are filled.")
 @click.option("--stem", default=None, help="Output name stem (default: the slide's file name without extension).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--roi", is_flag=True, help="Only clicks inside the file's area annotations (polygons); others are reported.")
 @slide_options
 @model_options
 @_fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
-            mpp, bounds_offset, reader, weights, device, batch_size, precision) -> None:
+            roi, mpp, bounds_offset, reader, weights, device, batch_size, precision) -> None:
     """Segment the nucleus under every click of POINTS on SLIDE."""
     from .pipeline import SegmentOptions, segment as run_segment
 
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                           device=device, precision=precision, batch_size=batch_size, threshold=threshold,
-                          min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=not quiet)
+                          min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=not quiet,
+                          roi=roi)
     result = run_segment(slide, points, out_dir, options=opts, weights=weights, stem=stem)
     t = result.report["totals"]
     if not quiet:
@@ -185,6 +187,55 @@ def evaluate(data, weights, tiles, jitter, mpp, no_baselines, json_out, seed, de
 
         with atomic_output(json_out) as tmp:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
+
+
+@main.group()
+def qupath() -> None:
+    """QuPath projects: segment the clicks exported from every image of a project."""
+
+
+@qupath.command("run")
+@click.argument("project", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "formats", default="qupath", show_default=True, callback=_formats,
+              help="Polygon outputs besides QuPath GeoJSON, comma-separated: qupath, asap, geoparquet.")
+@click.option("--object-type", type=click.Choice(["detection", "annotation", "cell"]), default="detection",
+              show_default=True, help="QuPath object type of the results.")
+@click.option("--roi", is_flag=True, help="Only clicks inside each image's exported area annotations.")
+@click.option("--force", is_flag=True, help="Redo images whose results are complete.")
+@click.option("--gland-weights", type=str, default=None,
+              help="Gland model for the squiggles (line annotations), if the clicks have any.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the summary.")
+@slide_options
+@model_options
+@_fail_cleanly
+def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, mpp, bounds_offset, reader, weights,
+               device, batch_size, precision) -> None:
+    """Segment PROJECT/nuclick/clicks/<image>.geojson for each image of PROJECT (project.qpproj or its folder).
+
+    Results go to PROJECT/nuclick/results/<image>.geojson (+ .labels.zarr, .report.json) for
+    workflows/qupath/import_results.groovy. The frame of each image follows how QuPath opened it
+    (OpenSlide crops to openslide.bounds-*, unless --no-crop); --bounds-offset/--no-bounds-offset
+    force one frame for all. Exit status 1 if any image failed.
+    """
+    from .pipeline import SegmentOptions
+    from .qupath_project import read_project, run_project
+
+    ctx = click.get_current_context()
+    forced = None if ctx.get_parameter_source("bounds_offset") == click.core.ParameterSource.DEFAULT else bounds_offset
+    proj = read_project(project)
+    opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, reader=reader, device=device,
+                          precision=precision, batch_size=batch_size, progress=False, roi=roi)
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    run = run_project(proj, options=opts, weights=weights, gland_weights=gland_weights, bounds_offset=forced,
+                      force=force, log=log)
+    counts = run.counts()
+    parts = [f"{counts.get(k, 0)} {k}" for k in ("segmented", "complete", "no clicks", "failed") if counts.get(k)]
+    click.echo(f"{proj.file}: {len(run.images)} image(s): {', '.join(parts) or 'nothing to do'}"
+               + (f"; summary in {run.summary_path}" if run.summary_path else ""), err=True)
+    for o in run.failed:
+        click.echo(f"  FAILED {o.name}: {o.message}", err=True)
+    if run.failed:
+        ctx.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

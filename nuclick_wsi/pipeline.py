@@ -131,13 +131,12 @@ def roi_reasons(prompts: Prompts, reasons: list[str | None], points_path) -> lis
     A click on a region's edge is inside. A file without regions is an error, and so is a file
     whose clicks all lie outside its regions.
     """
-    from shapely import points as _points
-    from shapely.ops import unary_union
+    from shapely import make_valid, points as _points, union_all
     from shapely.prepared import prep
 
     if not prompts.regions:
         raise NuclickError(f"{points_path}: --roi, but the file has no area annotations (polygons) to limit the work to")
-    area = prep(unary_union(prompts.regions))
+    area = prep(union_all([make_valid(g) for g in prompts.regions]))  # hand-drawn outlines may self-intersect
     pts = _points([(c.x, c.y) for c in prompts.clicks])
     out = list(reasons)
     for k, p in enumerate(pts):

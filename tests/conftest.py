@@ -88,3 +88,66 @@ def shared_data() -> Path:
     if not SHARED.exists():
         pytest.skip(f"shared data folder {SHARED} not found")
     return SHARED
+
+
+class DarkNet(nn.Module):
+    """A stand-in network that finds dark tissue: positive logit where the RGB mean is below 0.5.
+
+    Unlike :class:`DiskNet` it looks at the image, so it tells whether the right pixels were read
+    (e.g. in QuPath's frame on a slide with OpenSlide bounds).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 40.0 * (0.5 - x[:, :3].mean(dim=1, keepdim=True)) + self.dummy
+
+
+def dark_model(mpp: float = 0.5) -> LoadedModel:
+    """A LoadedModel around :class:`DarkNet` (an instance = the dark blob under the click)."""
+    meta = {"mpp": mpp, "patch_size": 128, "task": "nuclei",
+            "postprocess": {"threshold": 0.5, "min_object_px": 1, "min_hole_px": 0}}
+    return LoadedModel(net=DarkNet().eval(), arch="test-dark", arch_args={}, metadata=meta, source="test:dark")
+
+
+def write_leica_scn(path: Path, rgb: np.ndarray, offset: tuple[int, int] = (40, 60),
+                    canvas: tuple[int, int] = (400, 320), mpp: float = 0.5) -> Path:
+    """A minimal Leica SCN: ``rgb`` (h, w, even sizes) placed at ``offset`` px of a ``canvas``.
+
+    OpenSlide's leica driver reports ``openslide.bounds-x/-y`` = ``offset`` and a full level 0 of
+    ``canvas`` (w, h), so QuPath (OpenSlide server, cropped to the bounds) sees ``rgb`` at (0, 0)
+    while OpenSlide's level 0 has it at ``offset``: the smallest slide with non-zero bounds that
+    can be written here (MRXS cannot). Two levels (1 and 2x), 64 px tiles.
+    """
+    import tifffile
+
+    h, w = rgb.shape[:2]
+    nm = 50  # nanometres per pixel in the SCN XML's collection/view frame
+    xml = f"""<?xml version="1.0" encoding="utf-8"?>
+<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">
+ <collection name="t" uuid="c1" sizeX="{canvas[0] * nm}" sizeY="{canvas[1] * nm}">
+  <barcode>TEST</barcode>
+  <image name="main" uuid="i1">
+   <creationDate>2020-01-01T00:00:00Z</creationDate>
+   <device model="Leica SCN400" version="1.0"/>
+   <pixels sizeX="{w}" sizeY="{h}">
+     <dimension sizeX="{w}" sizeY="{h}" r="0" ifd="0"/>
+     <dimension sizeX="{w // 2}" sizeY="{h // 2}" r="1" ifd="1"/>
+   </pixels>
+   <view sizeX="{w * nm}" sizeY="{h * nm}" offsetX="{offset[0] * nm}" offsetY="{offset[1] * nm}" spacingZ="0"/>
+   <scanSettings><objectiveSettings><objective>20</objective></objectiveSettings>
+   <illuminationSettings><numericalAperture>0.4</numericalAperture>
+   <illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings>
+  </image>
+ </collection>
+</scn>"""
+    half = rgb.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    res = 1e4 / mpp
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(rgb, tile=(64, 64), photometric="rgb", description=xml,
+                 resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
+        tw.write(half, tile=(64, 64), photometric="rgb",
+                 resolution=(res / 2, res / 2), resolutionunit="CENTIMETER", metadata=None)
+    return path
