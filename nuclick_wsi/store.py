@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from numcodecs import Blosc
+from numcodecs import Blosc, blosc as _blosc
 
 from .errors import OutputError
 
@@ -91,6 +91,12 @@ def level_shapes(height: int, width: int, chunk: int) -> list[tuple[int, int]]:
         h, w = shapes[-1]
         shapes.append(((h + 1) // 2, (w + 1) // 2))
     return shapes
+
+
+# Blosc's own threads store a chunk's blocks in the order they finish, so the same labels would
+# compress to different bytes run to run; single-threaded Blosc is deterministic (reruns and
+# batch/Snakemake runs give byte-identical chunks), and label chunks compress fast on one thread.
+_blosc.use_threads = False
 
 
 def _compressor() -> Blosc:
