@@ -44,12 +44,26 @@ def atomic_output(final: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_path_for(final)
     try:
         yield tmp
-        if final.exists() and final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace(tmp, final)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def replace(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing a file or a folder there.
+
+    A folder cannot be replaced in one rename, so an old one is first renamed aside (to a temporary
+    name that :func:`cleanup_temporaries` recognises) and deleted only after the new one is in place:
+    a kill at any moment leaves either the old or the new complete output under the final name.
+    """
+    if final.is_dir() and not final.is_symlink():
+        aside = temp_path_for(final)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        _remove(aside)
+    else:
+        os.replace(tmp, final)
 
 
 def cleanup_temporaries(folder: str | os.PathLike) -> list[Path]:

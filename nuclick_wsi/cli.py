@@ -22,6 +22,9 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except NuclickError as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except OSError as exc:  # disk full, permissions...: outputs were already cleaned up
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
         except KeyboardInterrupt:
             click.echo("interrupted; nothing half-written was left", err=True)
             sys.exit(130)
@@ -91,25 +94,37 @@ def main() -> None:
 @click.option("--stem", default=None, help="Output name stem (default: the slide's file name without extension).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--roi", is_flag=True, help="Only clicks inside the file's area annotations (polygons); others are reported.")
+@click.option("--task", type=click.Choice(["nuclei", "gland"]), default="nuclei", show_default=True,
+              help="What --weights (and --threshold, --min-*-px) are for: a nucleus model, or a gland model for "
+                   "the squiggles (lines) of POINTS.")
+@click.option("--gland-weights", type=str, default=None,
+              help="Gland model for the squiggles (lines) of POINTS, beside the nucleus model (see README: Glands).")
+@click.option("--squiggle-group", "squiggle_groups", multiple=True, metavar="NAME",
+              help="ASAP group / ImageScope layer whose lines are squiggles (repeatable; QuPath lines always are).")
 @slide_options
 @model_options
 @_fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
-            roi, mpp, bounds_offset, reader, weights, device, batch_size, precision) -> None:
-    """Segment the nucleus under every click of POINTS on SLIDE."""
+            roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, weights, device, batch_size,
+            precision) -> None:
+    """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
     from .pipeline import SegmentOptions, segment as run_segment
 
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                           device=device, precision=precision, batch_size=batch_size, threshold=threshold,
                           min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=not quiet,
-                          roi=roi)
-    result = run_segment(slide, points, out_dir, options=opts, weights=weights, stem=stem)
+                          roi=roi, task=task, squiggle_groups=squiggle_groups)
+    result = run_segment(slide, points, out_dir, options=opts, weights=weights, stem=stem, gland_weights=gland_weights)
     t = result.report["totals"]
     if not quiet:
         click.echo(f"{t['segmented']} of {t['clicks']} clicks segmented ({result.report['timings_s']['nuclei_per_s']} nuclei/s); "
                    f"outputs in {out_dir}", err=True)
         for reason, n in t["skipped_by_reason"].items():
             click.echo(f"  skipped {n}: {reason}", err=True)
+        if "squiggles" in t:
+            click.echo(f"{t['glands_segmented']} of {t['squiggles']} squiggles segmented (glands)", err=True)
+            for reason, n in t["glands_skipped_by_reason"].items():
+                click.echo(f"  skipped {n}: {reason}", err=True)
 
 
 @main.command()
@@ -122,7 +137,8 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--samples-per-epoch", type=click.IntRange(min=1), default=None,
               help="Default: one per clickable object.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 64 (nuclei), 16 (gland).")
+@click.option("--patch-size", type=click.IntRange(min=16), default=None, help="Default: 128 (nuclei), 512 (gland).")
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.25, show_default=True,
               help="um/px the model works at (the training images' resolution).")
@@ -135,15 +151,20 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 @_fail_cleanly
-def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, lr, mpp, val_tiles, exclude,
-          no_binary_masks, max_minutes, device, seed, quiet) -> None:
-    """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines)."""
+def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, patch_size, lr, mpp, val_tiles,
+          exclude, no_binary_masks, max_minutes, device, seed, quiet) -> None:
+    """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines).
+
+    --task gland: instance label images, one id per gland (GlaS: NAME.bmp + NAME_anno.bmp); squiggles
+    are sampled from each gland (README: Glands).
+    """
     from .training.train import TrainConfig, train as run_train
 
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
     cfg = TrainConfig(data=[str(d) for d in data], output=str(output), task=task, arch=arch,
                       widths=[int(w) for w in split(widths)], epochs=epochs, samples_per_epoch=samples_per_epoch,
-                      batch_size=batch_size, lr=lr, mpp=mpp, device=device, seed=seed, val=split(val_tiles),
+                      batch_size=batch_size, patch_size=patch_size, lr=lr, mpp=mpp, device=device, seed=seed,
+                      val=split(val_tiles),
                       exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks)
     result = run_train(cfg, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     click.echo(f"best validation IoU {result['best_val_iou']:.4f}; weights in {output}")

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,11 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 from .annotations import read_prompts, write_asap, write_geoparquet, write_qupath
-from .atomic import atomic_output, temp_path_for, _remove
+from .atomic import _remove, atomic_output, replace, temp_path_for
 from .engine import Predictor, Timer, background
 from .errors import NuclickError, OutputError
 from .export import deterministic_uuid, trace_mask
+from .glands import GlandRun, add_to_report, check_squiggles, resolve_models
 from .guidance import ExclusionIndex, Region, effective_scale, patch_origin, plan_regions
 from .models.weights import LoadedModel, load_model
 from .postprocess import PostParams, instance_from_probability
@@ -60,6 +61,8 @@ class SegmentOptions:
     gzip: bool = False
     progress: bool = True
     roi: bool = False  #: skip clicks outside the file's area annotations ("outside the ROI")
+    task: str = "nuclei"  #: what ``weights``/``model`` (and the threshold overrides) are for: "nuclei" or "gland"
+    squiggle_groups: Sequence[str] = ()  #: ASAP groups / ImageScope layers whose outlines are squiggles
 
 
 @dataclass
@@ -71,10 +74,13 @@ class SegmentResult:
     skipped: bool = False  #: True when complete outputs were already there
 
 
-def output_paths(out_dir: str | os.PathLike, stem: str, formats: Sequence[str], gzip: bool = False) -> dict[str, Path]:
-    """Final output paths for a slide stem."""
+def output_paths(out_dir: str | os.PathLike, stem: str, formats: Sequence[str], gzip: bool = False, *,
+                 glands: bool = False) -> dict[str, Path]:
+    """Final output paths for a slide stem (``glands``: with ``S.glands.zarr``, for files with squiggles)."""
     out = Path(out_dir)
     paths = {"labels": out / f"{stem}.labels.zarr", "report": out / f"{stem}.report.json"}
+    if glands:
+        paths["glands"] = out / f"{stem}.glands.zarr"
     for f in formats:
         if f not in FORMATS:
             raise NuclickError(f"unknown output format {f!r} (choose from {', '.join(FORMATS)})")
@@ -84,7 +90,8 @@ def output_paths(out_dir: str | os.PathLike, stem: str, formats: Sequence[str], 
 
 def outputs_complete(paths: dict[str, Path]) -> bool:
     """True when every output exists and the label store is complete (the report is written last)."""
-    return all(p.exists() for p in paths.values()) and is_complete(paths["labels"])
+    return (all(p.exists() for p in paths.values()) and is_complete(paths["labels"])
+            and ("glands" not in paths or is_complete(paths["glands"])))
 
 
 def slide_stem(path: str | os.PathLike) -> str:
@@ -302,13 +309,18 @@ def predict_labels(slide: SlideSource, prompts: Prompts, model: LoadedModel, *, 
 
 def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             options: SegmentOptions | None = None, model: LoadedModel | None = None, weights: str | None = None,
-            predictor: Predictor | None = None, stem: str | None = None) -> SegmentResult:
+            predictor: Predictor | None = None, stem: str | None = None, gland_model: LoadedModel | None = None,
+            gland_weights: str | None = None) -> SegmentResult:
     """Segment every click of ``points_path`` on ``slide_path``; write outputs into ``out_dir``.
 
     Outputs (``S`` = the slide's stem, or ``stem``): ``S.geojson`` (QuPath), ``S.xml`` (ASAP),
     ``S.parquet`` (GeoParquet) as chosen by ``options.formats``, ``S.labels.zarr`` and
     ``S.report.json``. Each is written under a temporary name and renamed when everything is done;
     on any error nothing is left in ``out_dir``.
+
+    Squiggles (lines) are glands, segmented in the same run with a gland model (``gland_model`` /
+    ``gland_weights``, or ``model``/``weights`` with ``options.task="gland"``) into ``S.glands.zarr``;
+    their ids continue after the clicks' (squiggle k: number of clicks + k + 1). See :mod:`.glands`.
 
     Raises
     ------
@@ -321,27 +333,38 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     t_start = time.perf_counter()
     stem = stem or slide_stem(slide_path)
     paths = output_paths(out_dir, stem, opts.formats, opts.gzip)
-    prompts = read_prompts(points_path)
-    if not prompts.clicks:
-        extra = f" ({len(prompts.squiggles)} squiggles: use --task gland)" if prompts.squiggles else ""
-        raise NuclickError(f"{points_path}: no clicks (points) found{extra}")
-    model = model or load_model(weights)
+    prompts = read_prompts(points_path, squiggle_groups=opts.squiggle_groups or None)
+    # glands (squiggles): models, paths and run in glands.py; with no clicks the nucleus run is empty
+    # (it writes an empty S.labels.zarr) and holds the gland model only as a placeholder
+    model, gland_model = resolve_models(prompts, str(points_path), opts.task, model=model, weights=weights,
+                                        gland_model=gland_model, gland_weights=gland_weights)
+    paths = output_paths(out_dir, stem, opts.formats, opts.gzip, glands=gland_model is not None)
+    model = model or gland_model
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
         reasons = check_clicks(prompts, slide, opts.duplicate_px)
-        if all(r is not None and r.startswith("outside") for r in reasons):
+        sq_reasons = check_squiggles(prompts, slide)
+        if all(r is not None and r.startswith("outside") for r in reasons + sq_reasons):
             raise NuclickError(
-                f"{points_path}: none of its {len(reasons)} clicks lies on {slide.path} ({slide.width} x {slide.height} px"
+                f"{points_path}: none of its {len(reasons)} clicks"
+                f"{f' and {len(sq_reasons)} squiggles' if sq_reasons else ''} lies on {slide.path} ({slide.width} x {slide.height} px"
                 f"{', bounds offset ' + str(slide.bounds_offset) if any(slide.bounds_offset) else ''}); "
                 "wrong slide, or clicks in another frame (see --no-bounds-offset)?")
         if opts.roi:
             reasons = roi_reasons(prompts, reasons, points_path)
         _check_output_dir(Path(out_dir))
         predictor = predictor or Predictor(model, opts.device, opts.precision)
-        run = _Run(slide, prompts, model, predictor, opts, stem, mpp)
+        run = _Run(slide, prompts, model, predictor, opts if opts.task != "gland" else replace(
+            opts, threshold=None, min_object_px=None, min_hole_px=None), stem, mpp)
         run.reasons = {k: r for k, r in enumerate(reasons) if r is not None}
         n_valid = sum(r is None for r in reasons)
+        grun = None
+        if gland_model is not None:
+            grun = GlandRun(slide, prompts, gland_model, Predictor(gland_model, opts.device, opts.precision),
+                            _post_params(gland_model, opts if opts.task == "gland" else SegmentOptions()), stem, mpp,
+                            first_label=len(prompts.clicks) + 1, timer=run.timer)
+            grun.reasons = {k: r for k, r in enumerate(sq_reasons) if r is not None}
         progress = None
         if opts.progress:
             from tqdm.auto import tqdm
@@ -355,15 +378,23 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             run.instances.sort(key=lambda i: i.label)
             run.table.sort(key=lambda r: r["label"])
             store.finalize(run.table, colors=None)
-            _write_polygons(run.instances, temps, opts, mpp)
+            run.timer.add("write", time.perf_counter() - t)
+            if grun is not None:
+                grun.segment(temps["glands"], opts, progress=opts.progress)
+            t = time.perf_counter()
+            _write_polygons(run.instances + (grun.instances if grun else []), temps, opts, mpp)
             run.timer.add("write", time.perf_counter() - t)
             report = _report(run, paths, slide_path, points_path, time.perf_counter() - t_start)
+            if grun is not None:
+                add_to_report(report, grun)
             with atomic_output(temps["report"]) as tmp:
                 tmp.write_text(json.dumps(report, indent=1) + "\n")
+            # the report marks completion: drop the old one first, put the new one in last, so a kill
+            # in between leaves a folder that reads as incomplete and is redone
+            _remove(paths["report"])
             for key in [k for k in temps if k != "report"] + ["report"]:
-                if paths[key].exists():
-                    _remove(paths[key])
-                os.replace(temps[key], paths[key])
+                replace(temps[key], paths[key])
+            _remove_stale_outputs(Path(out_dir), stem, set(paths.values()))
         except BaseException:
             for tmp in temps.values():
                 _remove(tmp)
@@ -374,6 +405,18 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     finally:
         slide.close()
     return SegmentResult(outputs=paths, report=report)
+
+
+def _remove_stale_outputs(out: Path, stem: str, keep: set[Path]) -> None:
+    """Remove polygon files of this stem that an earlier run wrote in another format (or gzipped or not).
+
+    After a run the folder describes that run only: a stale ``S.xml`` beside a new ``S.geojson``
+    would show outlines of other clicks.
+    """
+    for fmt, ext in FORMATS.items():
+        for cand in (out / f"{stem}{ext}", out / f"{stem}{ext}.gz"):
+            if cand not in keep and cand.is_file():
+                cand.unlink()
 
 
 def _check_output_dir(out: Path) -> None:
