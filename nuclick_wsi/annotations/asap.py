@@ -26,6 +26,8 @@ NO_GROUP = "None"
 DEFAULT_COLOR = "#F4FA58"
 POINT_TYPES = ("Dot", "PointSet")
 OUTLINE_TYPES = ("Polygon", "Spline", "Rectangle")
+#: types that are squiggles (gland prompts) when their group is one of ``squiggle_groups``
+SQUIGGLE_TYPES = ("Polygon", "Spline", "PointSet")
 
 
 def _group_colors(root: Any) -> dict[str, RGB | None]:
@@ -65,8 +67,8 @@ def prompts_from_root(
     """Prompts from a parsed ASAP XML root.
 
     Dot and PointSet -> clicks (class = PartOfGroup unless "None"; colour of the group, else of
-    the annotation); Polygon/Spline of a group in ``squiggle_groups`` -> squiggles (vertices in
-    Order); other Polygon/Spline/Rectangle -> ``regions``; Measurement and unknown types skipped.
+    the annotation); Polygon/Spline/PointSet of a group in ``squiggle_groups`` -> squiggles
+    (vertices in Order); other Polygon/Spline/Rectangle -> ``regions``; Measurement and unknown types skipped.
     """
     if root.tag != ROOT_TAG:
         raise AnnotationError(f"{where}: not ASAP XML (root element <{root.tag}>, expected <{ROOT_TAG}>)")
@@ -90,17 +92,17 @@ def prompts_from_root(
         pts = _vertices(ann, label, where)
         if not pts:
             prompts.skipped.append(f"{label}: no coordinates")
-        elif kind in POINT_TYPES:
-            for k, (x, y) in enumerate(pts):
-                source = label if len(pts) == 1 else f"{label}, point {k}"
-                prompts.clicks.append(Click(x, y, class_name, color, source, len(prompts.clicks)))
-        elif kind in ("Polygon", "Spline") and class_name is not None and class_name in squiggle_groups:
+        elif kind in SQUIGGLE_TYPES and class_name is not None and class_name in squiggle_groups:
             if len(pts) < 2:
                 prompts.skipped.append(f"{label}: a squiggle needs 2 or more points")
             else:
                 prompts.squiggles.append(
                     Squiggle(tuple(pts), class_name, color, label, len(prompts.squiggles))
                 )
+        elif kind in POINT_TYPES:
+            for k, (x, y) in enumerate(pts):
+                source = label if len(pts) == 1 else f"{label}, point {k}"
+                prompts.clicks.append(Click(x, y, class_name, color, source, len(prompts.clicks)))
         elif kind in OUTLINE_TYPES:
             if len(pts) < 3:
                 prompts.skipped.append(f"{label}: a {kind} needs 3 or more points")
@@ -120,7 +122,7 @@ def read_prompts(path: str | os.PathLike, *, squiggle_groups: Collection[str] | 
     path : str or os.PathLike
         The XML file (parsed with defusedxml).
     squiggle_groups : collection of str, optional
-        Groups whose Polygon/Spline annotations are squiggles rather than regions.
+        Groups whose Polygon/Spline/PointSet annotations are squiggles rather than regions or clicks.
 
     Returns
     -------

@@ -17,7 +17,7 @@ import torch
 from .. import __version__
 from ..engine import resolve_device
 from ..errors import NuclickError
-from ..models.weights import POSTPROCESS_DEFAULTS, build_network, save_checkpoint
+from ..models.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
 from .datasets import Tile, find_pairs, load_tile
 from .loss import nuclick_loss
 from .sampling import PatchSampler, make_batch
@@ -33,11 +33,11 @@ class TrainConfig:
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     epochs: int = 40
     samples_per_epoch: int | None = None  #: default: one per clickable object
-    batch_size: int = 64
+    batch_size: int | None = None  #: default: 64 (nuclei), 16 (gland)
     lr: float = 3e-3
     weight_decay: float = 5e-5
     mpp: float = 0.25
-    patch_size: int = 128
+    patch_size: int | None = None  #: default: PATCH_DEFAULTS[task] (nuclei 128, gland 512)
     device: str = "auto"
     seed: int = 0
     val: list[str] = field(default_factory=list)  #: tile names held for validation
@@ -45,6 +45,14 @@ class TrainConfig:
     max_minutes: float | None = None
     use_binary_masks: bool = True
     task: str = "nuclei"
+
+    def __post_init__(self) -> None:
+        if self.task not in PATCH_DEFAULTS:
+            raise NuclickError(f"unknown task {self.task!r} (choose from {', '.join(PATCH_DEFAULTS)})")
+        if self.patch_size is None:
+            self.patch_size = PATCH_DEFAULTS[self.task]
+        if self.batch_size is None:
+            self.batch_size = 16 if self.task == "gland" else 64
 
 
 def load_tiles(data: list[str], *, exclude: list[str] = (), use_binary: bool = True, log=print) -> list[Tile]:
@@ -111,8 +119,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
         outlined = [t for t in train_tiles if "binary" not in t.source]
         val_tiles = [(outlined or train_tiles)[-1]]
         train_tiles = [t for t in train_tiles if t is not val_tiles[0]]
-    sampler = PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
-    val_sampler = PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
+    if cfg.task == "gland":  # squiggles, 512 x 512 patches: training/squiggles.py
+        from .squiggles import GlandSampler, make_gland_batch as batch_fn, validate_glands as val_fn
+        sampler = GlandSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
+        val_sampler = GlandSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
+    else:
+        batch_fn, val_fn = make_batch, validate
+        sampler = PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
+        val_sampler = PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
     arch_args = {"widths": list(cfg.widths)} if cfg.arch == "light-unet" else {}
     net = build_network(cfg.arch, arch_args).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -167,7 +181,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
         run_loss = 0.0
         for step in range(steps_per_epoch):
-            x, g, go = make_batch(sampler, cfg.batch_size)
+            x, g, go = batch_fn(sampler, cfg.batch_size)
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             g, go = g.to(device), go.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -184,7 +198,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
                 bar.set_postfix(loss=f"{run_loss / (step + 1):.4f}")
         if bar is not None:
             bar.close()
-        vm = validate(net, val_sampler, device, cfg.batch_size)
+        vm = val_fn(net, val_sampler, device, cfg.batch_size)
         elapsed = elapsed0 + time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch, **{f"val_{k}": v for k, v in vm.items()},
                         "elapsed_s": round(elapsed, 1)})
