@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace as replace_fields
 from pathlib import Path
 from typing import Any
 
@@ -355,7 +355,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             reasons = roi_reasons(prompts, reasons, points_path)
         _check_output_dir(Path(out_dir))
         predictor = predictor or Predictor(model, opts.device, opts.precision)
-        run = _Run(slide, prompts, model, predictor, opts if opts.task != "gland" else replace(
+        run = _Run(slide, prompts, model, predictor, opts if opts.task != "gland" else replace_fields(
             opts, threshold=None, min_object_px=None, min_hole_px=None), stem, mpp)
         run.reasons = {k: r for k, r in enumerate(reasons) if r is not None}
         n_valid = sum(r is None for r in reasons)
