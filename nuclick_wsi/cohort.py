@@ -664,7 +664,7 @@ class FileLock:
 
 def stem_file_names(stem: str) -> set[str]:
     """Every file name a slide's run may leave in the output folder (all formats, gzip or not)."""
-    names = {p.name for gz in (False, True) for p in output_paths(".", stem, tuple(FORMATS), gz).values()}
+    names = {p.name for gz in (False, True) for p in output_paths(".", stem, tuple(FORMATS), gz, glands=True).values()}
     return names | {f"{stem}{FAILED_SUFFIX}", f"{stem}{LOCK_SUFFIX}"}
 
 

@@ -417,6 +417,9 @@ def _remove_stale_outputs(out: Path, stem: str, keep: set[Path]) -> None:
         for cand in (out / f"{stem}{ext}", out / f"{stem}{ext}.gz"):
             if cand not in keep and cand.is_file():
                 cand.unlink()
+    glands = out / f"{stem}.glands.zarr"  # from an earlier run whose file had squiggles
+    if glands not in keep and glands.is_dir():
+        _remove(glands)
 
 
 def _check_output_dir(out: Path) -> None:

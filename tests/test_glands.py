@@ -598,3 +598,17 @@ def test_asap_splines_and_pointsets_of_a_squiggle_group(tmp_path):
     assert [(c.x, c.y) for c in p.clicks] == [(5.0, 5.0), (6.0, 9.0)]
     plain = read_prompts(xml)  # without the group: PointSets are clicks, the Spline a region
     assert not plain.squiggles and len(plain.clicks) == 4
+
+
+def test_rerun_without_squiggles_drops_the_old_gland_labels(tmp_path):
+    labels, rgb = gland_truth()
+    slide = write_tiff_slide(tmp_path / "slide.tif", W, H, 0.5, rgb=rgb)
+    out = tmp_path / "out"
+    opts = SegmentOptions(progress=False, device="cpu", precision="fp32")
+    both = qupath_file(tmp_path / "both.geojson", [(100.5, 100.5)], SQUIGGLES[:1])
+    segment(slide, both, out, options=opts, model=disk_model(mpp=0.5), gland_model=dark_gland_model())
+    assert (out / "slide.glands.zarr").is_dir()
+    clicks = qupath_file(tmp_path / "clicks.geojson", [(100.5, 100.5)], [])
+    res = segment(slide, clicks, out, options=opts, model=disk_model(mpp=0.5))
+    assert "glands" not in res.outputs and "squiggles" not in res.report
+    assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide.labels.zarr", "slide.report.json"]
