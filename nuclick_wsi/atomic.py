@@ -27,6 +27,18 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed; raise :class:`OutputError` (one line) when it cannot be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"output folder {folder} is not writable")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_output(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success replace ``final`` with it, on failure remove it.
@@ -35,12 +47,7 @@ def atomic_output(final: str | os.PathLike) -> Iterator[Path]:
     stays on one file system.
     """
     final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {final.parent}: {exc.strerror or exc}") from exc
-    if not os.access(final.parent, os.W_OK):
-        raise OutputError(f"output folder {final.parent} is not writable")
+    ensure_writable_dir(final.parent)
     tmp = temp_path_for(final)
     try:
         yield tmp

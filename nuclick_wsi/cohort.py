@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import TMP_MARK, _remove, atomic_output
+from .atomic import TMP_MARK, _remove, atomic_output, ensure_writable_dir
 from .errors import NuclickError, OutputError
 from .pipeline import FORMATS, SegmentOptions, output_paths, outputs_complete, segment, slide_stem
 
@@ -912,13 +912,7 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     opts = options or BatchOptions()
     man = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     rows = select_rows(man, only=opts.only, task_index=opts.task_index, rows_per_task=opts.rows_per_task)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"output folder {out} is not writable")
+    out = ensure_writable_dir(out_dir)
     models = _Models(opts, model)
     say = log or (lambda _m: None)
     done: dict[str, SlideResult] = {}

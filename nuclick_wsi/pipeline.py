@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace as replace_fields
+from dataclasses import asdict, dataclass, replace as replace_fields
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,13 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 from .annotations import read_prompts, write_asap, write_geoparquet, write_qupath
-from .atomic import _remove, atomic_output, replace, temp_path_for
+from .atomic import _remove, atomic_output, ensure_writable_dir, replace, temp_path_for
 from .engine import Predictor, Timer, background
-from .errors import NuclickError, OutputError
+from .errors import NuclickError
 from .export import deterministic_uuid, trace_mask
 from .glands import GlandRun, add_to_report, check_squiggles, resolve_models
 from .guidance import ExclusionIndex, Region, effective_scale, patch_origin, plan_regions
-from .models.weights import LoadedModel, load_model
+from .models.weights import LoadedModel
 from .postprocess import PostParams, instance_from_probability
 from .records import Instance, Prompts
 from .slide import SlideSource, open_slide, require_mpp
@@ -353,7 +353,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                 "wrong slide, or clicks in another frame (see --no-bounds-offset)?")
         if opts.roi:
             reasons = roi_reasons(prompts, reasons, points_path)
-        _check_output_dir(Path(out_dir))
+        ensure_writable_dir(Path(out_dir))
         predictor = predictor or Predictor(model, opts.device, opts.precision)
         run = _Run(slide, prompts, model, predictor, opts if opts.task != "gland" else replace_fields(
             opts, threshold=None, min_object_px=None, min_hole_px=None), stem, mpp)
@@ -420,15 +420,6 @@ def _remove_stale_outputs(out: Path, stem: str, keep: set[Path]) -> None:
     glands = out / f"{stem}.glands.zarr"  # from an earlier run whose file had squiggles
     if glands not in keep and glands.is_dir():
         _remove(glands)
-
-
-def _check_output_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"output folder {out} is not writable")
 
 
 def _write_polygons(instances: list[Instance], temps: dict[str, Path], opts: SegmentOptions, mpp: float) -> None:
