@@ -61,7 +61,9 @@ def model_options(fn):
     """Options shared by the commands that run a model."""
     for deco in reversed([
         click.option("--weights", type=str, default=None,
-                     help="Model checkpoint (default: the embedded nucleus model)."),
+                     help="Model checkpoint (default: the embedded nucleus model), or "
+                          "tiatoolbox:nuclick_original-pannuke / tiatoolbox:nuclick_light-pannuke "
+                          "(TIAToolbox's weights, extra nuclick-wsi[tiatoolbox])."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,

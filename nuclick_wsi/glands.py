@@ -299,7 +299,9 @@ class GlandRun:
 
     def batches(self, order: list[int]):
         p, bs = self.patch, self.batch_size
-        finite = [k for k in range(len(self._points)) if np.isfinite(self._points[k]).all()]
+        finite = np.array([k for k in range(len(self._points)) if np.isfinite(self._points[k]).all()], np.int64)
+        # bounding boxes of the squiggles, to find those that may enter a patch without a loop over all
+        bb = np.array([[*self._points[k].min(axis=0), *self._points[k].max(axis=0)] for k in finite]).reshape(-1, 4)
         buf = np.zeros((bs, 5, p, p), np.float32)
         meta: list[int] = []
         for k in order:
@@ -308,7 +310,9 @@ class GlandRun:
             img = self.slide.read_region(box.x0, box.y0, box.size, box.size, p, p)
             n = len(meta)
             buf[n, :3] = img.transpose(2, 0, 1).astype(np.float32) / 255.0
-            buf[n, 3], buf[n, 4] = guidance_maps(self._points[k], [self._points[j] for j in finite if j != k], box)
+            x0, y0, x1, y1 = box.x0, box.y0, box.x0 + box.size, box.y0 + box.size
+            near = finite[(bb[:, 2] >= x0) & (bb[:, 0] < x1) & (bb[:, 3] >= y0) & (bb[:, 1] < y1) & (finite != k)]
+            buf[n, 3], buf[n, 4] = guidance_maps(self._points[k], [self._points[j] for j in near], box)
             meta.append(k)
             self.timer.add("read", time.perf_counter() - t)
             if len(meta) == bs:

@@ -1057,6 +1057,34 @@ register_reader(ReaderSpec("tifffile", lambda p, b: TiffSource(p),
 register_reader(ReaderSpec("pillow", lambda p, b: PillowSource(p), _module_available("PIL"),
                            lambda path, head: not _tiff_magic(head)))
 
+# --- optional TIAToolbox reader (extra nuclick-wsi[tiatoolbox]; code in nuclick_wsi/tia.py) ---
+# Always known by name (so --reader tiatoolbox says how to get it); tried last by "auto" only when
+# the package is installed. Folders (NGFF zarr, DICOM) go to it alone.
+
+
+def _tia_module() -> Any:
+    import importlib
+
+    return importlib.import_module("nuclick_wsi.tia")
+
+
+def _tia_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tiatoolbox") is not None
+
+
+register_reader(ReaderSpec("tiatoolbox", lambda p, b: _tia_module().open_tia(p, b),
+                           lambda: _tia_module().tiatoolbox_unavailable()), auto=_tia_installed())
+
+
+def _folder_readers(path: Path, reader: str) -> list[str]:
+    """Readers to try for a folder: TIAToolbox's (asked for, or installed in "auto" mode)."""
+    if not path.is_dir() or reader not in ("auto", "tiatoolbox"):
+        return []
+    return ["tiatoolbox"] if reader == "tiatoolbox" or "tiatoolbox" in AUTO_ORDER else []
+# --- end of the TIAToolbox reader ---
+
 
 def _check_path(path: Path) -> None:
     """Raise SlideError for a missing or non-file path."""
@@ -1094,8 +1122,8 @@ def open_slide(path: str | Path, *, mpp: float | None = None, bounds_offset: boo
         False: the full OpenSlide level-0 frame. Only OpenSlide reports bounds; other
         readers always use the whole image.
     reader : str
-        ``"auto"`` (OpenSlide, then tifffile for TIFFs, then Pillow), or a reader name
-        from :data:`READERS`.
+        ``"auto"`` (OpenSlide, then tifffile for TIFFs, then Pillow, then TIAToolbox's reader
+        when installed), or a reader name from :data:`READERS`.
 
     Returns
     -------
@@ -1113,9 +1141,11 @@ def open_slide(path: str | Path, *, mpp: float | None = None, bounds_offset: boo
     path = Path(path)
     if mpp is not None:
         _check_given_mpp(mpp)
-    _check_path(path)
+    folder_readers = _folder_readers(path, reader)  # TIAToolbox: NGFF zarr, DICOM folders
+    if not folder_readers:
+        _check_path(path)
     reasons = []
-    for name in _candidates(path, reader):
+    for name in folder_readers or _candidates(path, reader):
         spec = READERS[name]
         unavailable = spec.available()
         if unavailable:

@@ -483,7 +483,12 @@ def trained_gland_model(tmp_path_factory):
     torch.manual_seed(0)
     cfg = TrainConfig(data=[str(data)], output=str(out), task="gland", widths=[8, 16, 32, 64], patch_size=128,
                       epochs=5, samples_per_epoch=64, batch_size=8, device="cpu", lr=3e-3, mpp=0.5)
-    result = train(cfg, progress=False, log=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is several times faster on a busy 2-core machine
+    try:
+        result = train(cfg, progress=False, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
     return out, result
 
 

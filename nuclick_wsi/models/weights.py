@@ -77,7 +77,11 @@ def build_network(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Modu
         from .nuclick import NuClickNet
 
         return NuClickNet(**arch_args)
-    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, nuclick)")
+    if arch == "tia-light-unet":  # TIAToolbox's nuclick_light-pannuke layout (models/tia_unet.py)
+        from .tia_unet import TiaLightUNet
+
+        return TiaLightUNet(**arch_args)
+    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, nuclick, tia-light-unet)")
 
 
 def save_checkpoint(path: str | os.PathLike, net: nn.Module, arch: str, arch_args: dict[str, Any],
@@ -103,7 +107,7 @@ def _looks_tiatoolbox(sd: dict[str, Any]) -> bool:
     return any(k.startswith("conv_block_1.0.conv_bn_relu") for k in sd) and "conv_transpose_1.weight" in sd
 
 
-def tiatoolbox_metadata(task: str = "nuclei") -> dict[str, Any]:
+def tiatoolbox_metadata(task: str = "nuclei", name: str | None = None) -> dict[str, Any]:
     """Inference metadata for TIAToolbox's ``nuclick_original-pannuke`` weights.
 
     Their network takes RGB scaled to [0, 1] with the click at the centre of a 128x128 patch, like
@@ -115,7 +119,7 @@ def tiatoolbox_metadata(task: str = "nuclei") -> dict[str, Any]:
     pp = tia["postproc"]
     return {"task": task, "mpp": 0.25, "patch_size": 128,
             "postprocess": {"threshold": pp["thresh"], "min_object_px": pp["min_size"], "min_hole_px": pp["min_hole_size"]},
-            "source": f"TIAToolbox {tia['weights_name']} state dict"}
+            "source": f"TIAToolbox {name or tia['weights_name']} state dict"}
 
 
 def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei") -> LoadedModel:
@@ -135,6 +139,12 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
         path = default_weights_path()
         if not path.exists():
             raise ModelError(f"the embedded default model {path} is missing from this installation")
+    # --- TIAToolbox pretrained names: tiatoolbox:NAME (download/cache in nuclick_wsi/tia.py) ---
+    elif isinstance(weights, str) and weights.startswith("tiatoolbox:"):
+        from ..tia import tiatoolbox_weights_path
+
+        path, _ = tiatoolbox_weights_path(weights)
+    # --- end of TIAToolbox names ---
     else:
         path = Path(weights)
         if not path.exists():
@@ -149,11 +159,17 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
         arch, arch_args, sd, meta = ckpt["arch"], ckpt.get("arch_args", {}), ckpt["state_dict"], ckpt.get("metadata", {})
     else:
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt.get("state_dict", None), dict) else ckpt
-        if not _looks_tiatoolbox(sd):
-            raise ModelError(f"{path}: neither a nuclick-wsi checkpoint nor a TIAToolbox NuClick state dict")
-        arch, arch_args = "nuclick", {}
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        meta = tiatoolbox_metadata(task)
+        from .tia_unet import looks_tia_light  # TIAToolbox's nuclick_light-pannuke layout
+
+        if looks_tia_light(sd):
+            arch, arch_args = "tia-light-unet", {}
+            meta = tiatoolbox_metadata(task, "nuclick_light-pannuke")
+        elif _looks_tiatoolbox(sd):
+            arch, arch_args = "nuclick", {}
+            meta = tiatoolbox_metadata(task)
+        else:
+            raise ModelError(f"{path}: neither a nuclick-wsi checkpoint nor a TIAToolbox NuClick state dict")
     if "mpp" not in meta:
         raise ModelError(f"{path}: the checkpoint does not say at which um/px it works (metadata 'mpp')")
     net = build_network(arch, arch_args)
