@@ -66,24 +66,36 @@ _END = object()
 
 
 def background(iterable: Iterable[Any], depth: int = 3) -> Iterator[Any]:
-    """Iterate ``iterable`` in a daemon thread, ``depth`` items ahead; exceptions are re-raised here."""
+    """Iterate ``iterable`` in a daemon thread, ``depth`` items ahead; exceptions are re-raised here.
+
+    When the consumer stops early (an error, or it closes this generator), the producer stops at
+    its next item, closes ``iterable`` (so nested producers stop too) and is waited for: nothing
+    is left running, or still reading a slide the caller is about to close.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
             for item in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_END)
+            put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(exc)
+            put(exc)
+        finally:
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                close()
 
     t = threading.Thread(target=work, daemon=True, name="nuclick-producer")
     t.start()
@@ -97,6 +109,7 @@ def background(iterable: Iterable[Any], depth: int = 3) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        t.join()
 
 
 class Predictor:

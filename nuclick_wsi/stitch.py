@@ -43,7 +43,7 @@ class Piece:
 
 def _keep_seeded(piece: Piece) -> None:
     lab, n = ndi.label(piece.mask, structure=_FOUR)
-    if n > 1:
+    if n > 1 or not (piece.seed & piece.mask).any():  # one component, but without the click: drop it
         keep = np.unique(lab[piece.seed & piece.mask])
         keep = keep[keep > 0]
         piece.mask = np.isin(lab, keep)
@@ -93,7 +93,8 @@ class Stitcher:
 
     def add(self, piece: Piece) -> None:
         """Add one instance, resolving its overlaps with the instances already there."""
-        self._clip(piece)
+        if self._clip(piece):
+            _keep_seeded(piece)  # cutting at the slide's edge may split the instance
         if not piece.mask.any():
             return
         _trim(piece)
@@ -122,12 +123,15 @@ class Stitcher:
         if touched:
             for p in (*touched, piece):
                 _keep_seeded(p)
+            if not piece.mask.any():  # its click's pixel is another click's: nothing left of it
+                return
         self.active[piece.label] = piece
         piece.meta["_cells"] = list(self._cells(piece))
         for cell in piece.meta["_cells"]:
             self.grid.setdefault(cell, set()).add(piece.label)
 
-    def _clip(self, p: Piece) -> None:
+    def _clip(self, p: Piece) -> bool:
+        """Cut the piece to the slide; True when something was cut off."""
         c0, r0 = max(0, -p.x0), max(0, -p.y0)
         c1 = p.mask.shape[1] - max(0, p.x1 - self.width)
         r1 = p.mask.shape[0] - max(0, p.y1 - self.height)
@@ -135,11 +139,18 @@ class Stitcher:
             p.mask, p.prob, p.seed = (a[r0:r1, c0:c1] for a in (p.mask, p.prob, p.seed))
             p.x0 += c0
             p.y0 += r0
+            return True
+        return False
 
     def flush(self, final_y: float) -> None:
         """Write every chunk row lying entirely above ``final_y`` (level-0 y) and retire its instances."""
         nrows = -(-self.height // self.chunk)
         last = nrows if final_y >= self.height else int(final_y // self.chunk)
+        # an instance reaching below final_y may still lose pixels to a later one, and then be cut
+        # back to its click's component anywhere in its crop: keep its rows unwritten until then
+        for p in self.active.values():
+            if p.y1 > final_y:
+                last = min(last, p.y0 // self.chunk)
         for row in range(self.next_row, min(last, nrows)):
             self._write_row(row)
             self.next_row = row + 1
