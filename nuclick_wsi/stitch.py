@@ -163,24 +163,21 @@ class Stitcher:
         c = self.chunk
         ry0, ry1 = row * c, min((row + 1) * c, self.height)
         pieces = [p for p in self.active.values() if p.y0 < ry1 and p.y1 > ry0]
-        blocks: dict[int, np.ndarray] = {}
+        # one chunk in memory at a time (a whole row of a 100k px wide slide would be ~400 MB)
+        by_cx: dict[int, list[Piece]] = {}
         for p in sorted(pieces, key=lambda q: q.label):
-            y0, y1 = max(p.y0, ry0), min(p.y1, ry1)
-            if y0 >= y1:
-                continue
             for cx in range(p.x0 // c, (p.x1 - 1) // c + 1):
-                cx0, cx1 = cx * c, min((cx + 1) * c, self.width)
+                by_cx.setdefault(cx, []).append(p)
+        for cx in sorted(by_cx):
+            cx0, cx1 = cx * c, min((cx + 1) * c, self.width)
+            block = np.zeros((ry1 - ry0, cx1 - cx0), np.uint32)
+            for p in by_cx[cx]:
+                y0, y1 = max(p.y0, ry0), min(p.y1, ry1)
                 x0, x1 = max(p.x0, cx0), min(p.x1, cx1)
-                if x0 >= x1:
-                    continue
-                block = blocks.get(cx)
-                if block is None:
-                    block = blocks[cx] = np.zeros((ry1 - ry0, cx1 - cx0), np.uint32)
                 m = p.mask[y0 - p.y0:y1 - p.y0, x0 - p.x0:x1 - p.x0]
                 view = block[y0 - ry0:y1 - ry0, x0 - cx0:x1 - cx0]
                 view[m] = p.label
-        for cx in sorted(blocks):
-            self.write_chunk(row, cx, blocks[cx])
+            self.write_chunk(row, cx, block)
         for p in pieces:
             if p.y1 <= ry1:
                 self._retire(p)

@@ -130,3 +130,22 @@ def test_nested_background_threads_end_after_a_consumer_error():
     except RuntimeError:
         pass
     assert len(_producers()) == before
+
+
+def test_a_chunk_row_is_written_one_chunk_at_a_time():
+    import tracemalloc
+
+    chunk, n = 512, 32  # 32 chunks of 1 MB in one row
+    written = []
+    st = Stitcher(chunk * n, chunk, chunk, lambda cy, cx, block: written.append((cy, cx, int(block.max()))),
+                  lambda p: None)
+    for k in range(n):
+        st.add(_piece(k + 1, k * chunk + 100, 100, np.ones((5, 5)), 0.9, (2, 2)))
+    tracemalloc.start()
+    try:
+        st.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written == [(0, k, k + 1) for k in range(n)]
+    assert peak < 8 * chunk * chunk * 4
