@@ -245,6 +245,18 @@ class _Run:
 
     def run(self, store: LabelStore, progress) -> None:
         valid = [k for k, c in enumerate(self.prompts.clicks) if k not in self.reasons]
+        if self.opts.duplicate_px > 0 and self.scale > 1:
+            # a model pixel wider than duplicate_px can hold two clicks that are not duplicates in
+            # level-0 px: both would get the same patch and the later one a 1 px instance
+            seen: dict[tuple[int, int], int] = {}
+            for k in valid:
+                c = self.prompts.clicks[k]
+                key = (math.floor(c.x / self.scale), math.floor(c.y / self.scale))
+                if key in seen:
+                    self.reasons[k] = f"duplicate (of click {seen[key]}, in the same model pixel)"
+                else:
+                    seen[key] = k
+            valid = [k for k in valid if k not in self.reasons]
         xs = np.array([self.prompts.clicks[k].x for k in valid], float)
         ys = np.array([self.prompts.clicks[k].y for k in valid], float)
         ids = np.array(valid, np.int64)

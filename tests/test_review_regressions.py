@@ -149,3 +149,16 @@ def test_a_chunk_row_is_written_one_chunk_at_a_time():
         tracemalloc.stop()
     assert written == [(0, k, k + 1) for k in range(n)]
     assert peak < 8 * chunk * chunk * 4
+
+
+def test_two_clicks_in_one_model_pixel_at_80x_are_duplicates():
+    # 0.125 um/px: a model pixel (0.25 um/px) is 2 x 2 level-0 px, so clicks 2.5 px apart share it;
+    # the second used to become a 1 px instance punched into the first
+    src = array_source(np.full((300, 300, 3), 200, np.uint8), 0.125)
+    clicks = [(100.1, 100.1), (101.9, 101.9)]
+    prompts = Prompts(clicks=[Click(x, y, index=i) for i, (x, y) in enumerate(clicks)])
+    labels, instances, reasons = predict_labels(src, prompts, disk_model(), options=SegmentOptions(progress=False,
+                                                                                                 device="cpu"))
+    assert [i.label for i in instances] == [1]
+    assert reasons[1].startswith("duplicate (of click 0")
+    assert np.all(labels[96:106, 96:106] == 1)
