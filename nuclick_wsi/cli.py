@@ -299,6 +299,8 @@ def _batch_output_options(fn):
                    "host is noticed at once).")
 @click.option("--slides-in-flight", type=click.IntRange(min=1), default=None,
               help="Slides segmented at once, sharing the model (default: 2 on a GPU, 1 on the CPU).")
+@click.option("--gland-weights", default=None,
+              help="Gland model for manifest rows whose annotation files hold squiggles (lines).")
 @click.option("--no-summary", is_flag=True, help="Do not write OUT/batch-summary.csv.")
 @click.option("--summary-only", is_flag=True,
               help="Run nothing: write OUT/batch-summary.csv from what is there; exit 1 unless every row is complete.")
@@ -308,7 +310,7 @@ def _batch_output_options(fn):
 @model_options
 @_fail_cleanly
 def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, only, task_index,
-          rows_per_task, wait, stale_lock_after, slides_in_flight, no_summary, summary_only, dry_run, quiet, mpp,
+          rows_per_task, wait, stale_lock_after, slides_in_flight, gland_weights, no_summary, summary_only, dry_run, quiet, mpp,
           bounds_offset, reader, weights, device, batch_size, precision) -> None:
     """Segment every row of MANIFEST (CSV: slide,points[,mpp,weights,stem]) into OUT/<stem>.*.
 
@@ -329,7 +331,7 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
     seg = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                          device=device, precision=precision, batch_size=batch_size, threshold=threshold,
                          min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=False)
-    opts = BatchOptions(segment=seg, weights=weights, only=only, task_index=task_index, rows_per_task=rows_per_task,
+    opts = BatchOptions(segment=seg, weights=weights, gland_weights=gland_weights, only=only, task_index=task_index, rows_per_task=rows_per_task,
                         stale_after=stale_lock_after, wait=wait, slides_in_flight=slides_in_flight,
                         summary=not no_summary)
     if dry_run or summary_only:

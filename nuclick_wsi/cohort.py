@@ -746,6 +746,7 @@ class BatchOptions:
 
     segment: SegmentOptions = field(default_factory=lambda: SegmentOptions(progress=False))
     weights: str | None = None  #: for rows without a ``weights`` column (None: the default model)
+    gland_weights: str | None = None  #: gland model for rows whose files hold squiggles (none ships)
     only: Sequence[str] = ()
     task_index: int | None = None
     rows_per_task: int = 1
@@ -841,7 +842,7 @@ def process_row(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: _Mo
             seg_opts = dataclasses.replace(so, mpp=row.mpp if row.mpp is not None else so.mpp,
                                            bounds_offset=so.bounds_offset if row.bounds_offset is None else row.bounds_offset)
             res = segment(row.slide, row.points, out_dir, options=seg_opts, model=model, predictor=predictor,
-                          stem=row.stem)
+                          stem=row.stem, gland_weights=opts.gland_weights)
         except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the others
             record = {"stem": row.stem, "slide": str(row.slide), "points": str(row.points), "error": _one_line(exc),
                       "type": type(exc).__name__, "host": _HOST, "pid": os.getpid(),

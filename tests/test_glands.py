@@ -617,3 +617,21 @@ def test_rerun_without_squiggles_drops_the_old_gland_labels(tmp_path):
     res = segment(slide, clicks, out, options=opts, model=disk_model(mpp=0.5))
     assert "glands" not in res.outputs and "squiggles" not in res.report
     assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide.labels.zarr", "slide.report.json"]
+
+
+def test_batch_rows_with_squiggles_use_the_gland_weights(trained_gland_model, tmp_path):
+    """`batch --gland-weights`: a manifest row whose file holds lines gets its glands; without it the row fails."""
+    from nuclick_wsi.cli import main
+    ckpt, _ = trained_gland_model
+    labels = random_glands(384, 2, seed=7, axes=(25, 45))
+    slide = write_tiff_slide(tmp_path / "g.tif", 384, 384, 0.5, rgb=paint(labels, texture=10, seed=5))
+    qupath_file(tmp_path / "g.geojson", [], [user_squiggle(labels == i) for i in (1, 2)])
+    (tmp_path / "m.csv").write_text("slide,points\ng.tif,g.geojson\n")
+    r = CliRunner().invoke(main, ["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "a"), "--device", "cpu", "-q"])
+    assert r.exit_code == 1 and "gland" in (tmp_path / "a" / "g.failed.json").read_text()
+    r = CliRunner().invoke(main, ["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "b"), "--device", "cpu", "-q",
+                                  "--gland-weights", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "b" / "g.report.json").read_text())
+    assert rep["totals"]["glands_segmented"] == 2
+    assert (tmp_path / "b" / "g.glands.zarr").is_dir()
