@@ -1079,10 +1079,14 @@ register_reader(ReaderSpec("tiatoolbox", lambda p, b: _tia_module().open_tia(p, 
 
 
 def _folder_readers(path: Path, reader: str) -> list[str]:
-    """Readers to try for a folder: TIAToolbox's (asked for, or installed in "auto" mode)."""
+    """Readers to try for a folder: TIAToolbox's, when asked for, or (installed, "auto") for a zarr
+    or DICOM folder; any other folder stays "not a slide file"."""
     if not path.is_dir() or reader not in ("auto", "tiatoolbox"):
         return []
-    return ["tiatoolbox"] if reader == "tiatoolbox" or "tiatoolbox" in AUTO_ORDER else []
+    if reader == "tiatoolbox":
+        return ["tiatoolbox"]
+    zarr_or_dicom = any((path / m).exists() for m in (".zgroup", ".zattrs", "zarr.json")) or any(path.glob("*.dcm"))
+    return ["tiatoolbox"] if zarr_or_dicom and "tiatoolbox" in AUTO_ORDER else []
 # --- end of the TIAToolbox reader ---
 
 
