@@ -13,9 +13,10 @@ Needs the extra (``pip install "nuclick-wsi[tiatoolbox]"``)::
     python benchmarks/vs_tiatoolbox.py --weights random             # offline: seeded random NuClick weights
     python benchmarks/vs_tiatoolbox.py --weights runs/default/model.pt   # a nuclick-wsi checkpoint
 
-``--weights random`` (TIAToolbox's ``NuClick`` with its own initialisation, seeded) measures speed and
-checks that both pipelines compute the same thing (same pixels, patch placement and post-processing),
-not segmentation quality. With a nuclick-wsi checkpoint of another architecture, TIAToolbox's way runs
+``--weights random`` (TIAToolbox's ``NuClick`` with its own initialisation, seeded) measures speed only:
+an untrained network's output changes with every sub-pixel difference between the two patches
+(TIAToolbox reads from an integer level-0 corner with OpenCV's resampling, we read on our model-pixel
+grid with Pillow's), so its IoU says nothing; trained weights give the meaningful IoU. With a nuclick-wsi checkpoint of another architecture, TIAToolbox's way runs
 our network object through ``NuClick.infer_batch`` / ``postproc`` (they take any ``nn.Module``).
 """
 
