@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 _FOUR = ndi.generate_binary_structure(2, 1)
-_CELL = 256
+_CELL = 64  #: side of the grid cells indexing active instances (about 3 nuclei wide)
 
 
 @dataclass

@@ -30,6 +30,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..atomic import atomic_output
 from ..errors import AnnotationError
 from ..records import RGB, Click, Instance, Prompts, Squiggle
@@ -401,7 +403,11 @@ def read_qupath_polygons(path: str | os.PathLike) -> list[dict]:
 
 
 def _ring(coords: Any) -> list[list[float | int]]:
-    return [[fmt_number(x), fmt_number(y)] for x, y, *_ in coords]
+    xy = np.asarray(coords, dtype=np.float64)[:, :2]
+    ints = np.rint(xy)
+    if np.array_equal(ints, xy):  # pixel-edge outlines: every vertex is a whole pixel corner
+        return (ints.astype(np.int64) + 0).tolist()
+    return [[fmt_number(x), fmt_number(y)] for x, y in xy]
 
 
 def geometry_to_geojson(geom: Any) -> dict:
