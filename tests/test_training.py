@@ -211,3 +211,30 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     cfg.epochs = 4
     res2 = train(cfg, progress=False, log=lambda m: None)
     assert [h["epoch"] for h in res2["history"]] == [1, 2, 3, 4]
+
+
+def test_validation_picks_the_best_threshold(monkeypatch):
+    """validate scores masks as segment makes them at several cuts and reports the best one."""
+    from nuclick_wsi.training.datasets import Tile
+    from nuclick_wsi.training.train import validate
+
+    img, labels = blob_image(256)
+    sampler = PatchSampler([Tile("t", img, labels, np.unique(labels)[1:])], seed=0)
+
+    class Halo(torch.nn.Module):
+        """Probability 0.95 on the target nucleus and 0.75 on a 3 px ring around it: best cut above 0.75."""
+
+        def forward(self, x):
+            g = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+            for k in range(x.shape[0]):
+                m = x[k, :3].mean(0) < 0.6  # the dark nuclei
+                lab = ndi.label(m.numpy())[0]
+                own = torch.from_numpy(lab == lab[64, 64])
+                ring = torch.from_numpy(ndi.binary_dilation(own.numpy(), iterations=3)) & ~own
+                g[k, 0][own] = 0.95
+                g[k, 0][ring] = 0.75
+            return torch.logit(g.clamp(0.01, 0.99))
+
+    vm = validate(Halo(), sampler, torch.device("cpu"), 16)
+    assert vm["threshold"] == 0.8 and vm["iou"] > 0.9
+    assert vm["iou_by_threshold"]["0.5"] < vm["iou"]
