@@ -23,6 +23,8 @@ openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 from PIL import Image  # noqa: E402
 
+from conftest import write_leica_scn  # noqa: E402
+
 DATA = Path("/work/shared/data")
 SLIDES = DATA / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
@@ -82,32 +84,10 @@ def leica_scn(tmp_path_factory) -> tuple[Path, np.ndarray]:
     OpenSlide's leica driver reports ``openslide.bounds-x/-y = 40/60`` for it: the
     smallest file with non-zero bounds that can be written here.
     """
-    xml = """<?xml version="1.0" encoding="utf-8"?>
-<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">
- <collection name="t" uuid="c1" sizeX="20000" sizeY="16000">
-  <barcode>TEST</barcode>
-  <image name="main" uuid="i1">
-   <creationDate>2020-01-01T00:00:00Z</creationDate>
-   <device model="Leica SCN400" version="1.0"/>
-   <pixels sizeX="256" sizeY="192">
-     <dimension sizeX="256" sizeY="192" r="0" ifd="0"/>
-     <dimension sizeX="128" sizeY="96" r="1" ifd="1"/>
-   </pixels>
-   <view sizeX="12800" sizeY="9600" offsetX="2000" offsetY="3000" spacingZ="0"/>
-   <scanSettings><objectiveSettings><objective>20</objective></objectiveSettings>
-   <illuminationSettings><numericalAperture>0.4</numericalAperture>
-   <illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings>
-  </image>
- </collection>
-</scn>"""
     yy, xx = np.mgrid[0:192, 0:256]
     img = np.stack([xx % 256, yy % 256, (xx * 7 + yy * 3) % 256], -1).astype(np.uint8)
-    path = tmp_path_factory.mktemp("scn") / "bounds.scn"
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(img, tile=(64, 64), photometric="rgb", description=xml,
-                 resolution=(2e4, 2e4), resolutionunit="CENTIMETER", metadata=None)
-        tw.write(_block_mean(img, 2), tile=(64, 64), photometric="rgb",
-                 resolution=(1e4, 1e4), resolutionunit="CENTIMETER", metadata=None)
+    path = write_leica_scn(tmp_path_factory.mktemp("scn") / "bounds.scn", img, offset=(40, 60), canvas=(400, 320),
+                           mpp=0.5)
     return path, img
 
 
