@@ -51,7 +51,7 @@ from .export import deterministic_uuid, trace_mask
 from .guidance import effective_scale
 from .models.weights import LoadedModel, load_model
 from .postprocess import PostParams, instance_from_probability
-from .records import Instance, Prompts, Squiggle
+from .records import Instance, Prompts, Squiggle, outcome
 from .slide import SlideSource
 from .stitch import Piece, Stitcher
 
@@ -436,13 +436,8 @@ class GlandRun:
             if box is not None:
                 rec["patch"] = {"x": round(box.x0, 3), "y": round(box.y0, 3), "size": round(box.size, 3),
                                 "downscale": round(box.downscale, 4)}
-            inst = by_index.get(k)
-            if inst is not None:
-                rec.update(status="segmented", instance_id=inst.label, uuid=inst.uuid, area_px=inst.area_px,
-                           score=round(inst.score, 4))
-            else:
-                rec.update(status="skipped", instance_id=None,
-                           reason=self.reasons.get(k, "nothing segmented: lost every pixel to neighbouring glands"))
+            rec.update(outcome(by_index.get(k),
+                               self.reasons.get(k, "nothing segmented: lost every pixel to neighbouring glands")))
             out.append(rec)
         return out
 

@@ -32,7 +32,7 @@ from .glands import GlandRun, add_to_report, check_squiggles, resolve_models
 from .guidance import ExclusionIndex, Region, effective_scale, patch_origin, plan_regions
 from .models.weights import LoadedModel
 from .postprocess import PostParams, instance_from_probability
-from .records import Instance, Prompts
+from .records import Instance, Prompts, outcome
 from .slide import SlideSource, open_slide, require_mpp
 from .stitch import Piece, Stitcher
 from .store import LabelStore, is_complete
@@ -448,13 +448,8 @@ def _report(run: _Run, paths: dict[str, Path], slide_path, points_path, wall: fl
     clicks = []
     for k, c in enumerate(run.prompts.clicks):
         rec: dict[str, Any] = {"index": k, "x": c.x, "y": c.y, "class": c.class_name, "source": c.source}
-        inst = by_index.get(k)
-        if inst is not None:
-            rec.update(status="segmented", instance_id=inst.label, uuid=inst.uuid, area_px=inst.area_px,
-                       score=round(inst.score, 4))
-        else:
-            rec.update(status="skipped", instance_id=None,
-                       reason=run.reasons.get(k, "nothing segmented: lost every pixel to neighbouring instances"))
+        rec.update(outcome(by_index.get(k),
+                           run.reasons.get(k, "nothing segmented: lost every pixel to neighbouring instances")))
         clicks.append(rec)
     reasons: dict[str, int] = {}
     for rec in clicks:

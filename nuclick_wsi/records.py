@@ -68,3 +68,11 @@ class Instance:
     score: float = 0.0  #: mean model probability over the instance's pixels
     prompt_index: int = 0  #: index of the click (or squiggle) it came from
     kind: str = "nucleus"  #: "nucleus" (from a click) or "gland" (from a squiggle)
+
+
+def outcome(instance: Instance | None, reason: str) -> dict[str, Any]:
+    """The report fields of one prompt: its instance, or ``reason`` when it has none."""
+    if instance is None:
+        return {"status": "skipped", "instance_id": None, "reason": reason}
+    return {"status": "segmented", "instance_id": instance.label, "uuid": instance.uuid,
+            "area_px": instance.area_px, "score": round(instance.score, 4)}
