@@ -67,7 +67,7 @@ def model_options(fn):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-                     help="auto: fp16 autocast on CUDA, bf16 on CPU for the light network."),
+                     help="auto: fp16 autocast on CUDA; on CPU bf16 only where the CPU has native bf16 and a probe finds it faster, else fp32."),
     ]):
         fn = deco(fn)
     return fn
@@ -134,8 +134,12 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write (best on validation); OUTPUT.last.pt holds the resumable state.")
 @click.option("--task", type=click.Choice(["nuclei", "gland"]), default="nuclei", show_default=True)
-@click.option("--arch", type=click.Choice(["light-unet", "nuclick"]), default="light-unet", show_default=True)
-@click.option("--widths", default="16,32,64,128", show_default=True, help="light-unet encoder widths.")
+@click.option("--arch", type=click.Choice(["s2d-unet", "light-unet", "nuclick"]), default="s2d-unet", show_default=True)
+@click.option("--widths", default="16,32,64,128", show_default=True, help="s2d-unet / light-unet encoder widths.")
+@click.option("--loss", type=click.Choice(["calibrated", "nuclick"]), default="calibrated", show_default=True,
+              help="calibrated: Dice + BCE weighted 1 everywhere and 3 on other nuclei; nuclick: the paper's a^2 weight map.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 only where measured faster (as segment chooses).")
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--samples-per-epoch", type=click.IntRange(min=1), default=None,
               help="Default: one per clickable object.")
@@ -154,7 +158,7 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
 @click.option("--quiet", "-q", is_flag=True)
 @_fail_cleanly
 def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, patch_size, lr, mpp, val_tiles,
-          exclude, no_binary_masks, max_minutes, device, seed, quiet) -> None:
+          exclude, no_binary_masks, max_minutes, device, seed, quiet, loss="calibrated", precision="auto") -> None:
     """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines).
 
     --task gland: instance label images, one id per gland (GlaS: NAME.bmp + NAME_anno.bmp); squiggles
@@ -167,7 +171,8 @@ def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_siz
                       widths=[int(w) for w in split(widths)], epochs=epochs, samples_per_epoch=samples_per_epoch,
                       batch_size=batch_size, patch_size=patch_size, lr=lr, mpp=mpp, device=device, seed=seed,
                       val=split(val_tiles),
-                      exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks)
+                      exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks,
+                      loss=loss, precision=precision)
     result = run_train(cfg, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     click.echo(f"best validation IoU {result['best_val_iou']:.4f}; weights in {output}")
 

@@ -2,8 +2,8 @@
 
 A producer thread builds the next batches (slide reads, guidance maps) while the model runs; on CUDA
 the batch is copied from pinned memory without blocking and run under fp16 autocast; on the CPU the
-small networks run under bfloat16 autocast with channels_last, which is 2-3x faster here and gives
-the same masks (``benchmarks/precision.py`` checks that).
+precision is chosen by measurement (``nuclick_wsi/precision.py``): bf16 autocast only on CPUs with
+native bf16 where a probe finds it faster, fp32 otherwise; channels_last throughout.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from .errors import NuclickError
 from .models.weights import LoadedModel
+from .precision import choose_precision
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -33,21 +34,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise NuclickError(f"unknown device {name!r} (choose auto, cpu or cuda)")
-
-
-def resolve_precision(precision: str, device: torch.device, arch: str) -> torch.dtype | None:
-    """The autocast dtype: fp16 on CUDA, bf16 on CPU for the light network, None for fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision != "auto":
-        raise NuclickError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if arch == "light-unet" else None
 
 
 @dataclass
@@ -125,17 +111,17 @@ class Predictor:
     def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto") -> None:
         self.model = model
         self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device, model.arch)
-        net = model.net.to(self.device).eval()
-        if self.device.type == "cpu" or self.dtype is not None:
-            net = net.to(memory_format=torch.channels_last)
+        net = model.net.to(self.device).eval().to(memory_format=torch.channels_last)
         self.net = net
+        #: what precision runs and why (``auto`` measures on CPUs with native bf16: nuclick_wsi/precision.py)
+        self.precision = choose_precision(net, self.device, precision, patch_size=model.patch_size,
+                                          arch_key=(model.arch, model.arch_args))
+        self.dtype = self.precision.dtype
 
     @property
     def description(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-        return f"{self.device.type} ({name}, {prec}, {torch.get_num_threads()} threads)"
+        return f"{self.device.type} ({name}, {self.precision.name}, {torch.get_num_threads()} threads)"
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:

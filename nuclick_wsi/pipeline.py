@@ -469,6 +469,7 @@ def _report(run: _Run, paths: dict[str, Path], slide_path, points_path, wall: fl
         "model": {"source": run.model.source, "arch": run.model.arch, "patch_size": run.patch,
                   "postprocess": asdict(run.params.scaled(1 / run.scale ** 2)) if run.scale != 1 else asdict(run.params)},
         "device": run.predictor.description,
+        "precision": {"name": run.predictor.precision.name, "reason": run.predictor.precision.reason},
         "totals": {"clicks": len(clicks), "segmented": n_seg, "skipped": len(clicks) - n_seg, "skipped_by_reason": reasons},
         "timings_s": {**secs, "wall": round(wall, 3), "nuclei_per_s": round(n_seg / wall, 2) if wall else None},
         "outputs": {k: str(p) for k, p in paths.items()},

@@ -200,11 +200,13 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
                       batch_size=16, lr=3e-3, val=["tile2"], seed=0)
     res = train(cfg, progress=False, log=lambda m: None)
     hist = res["history"]
-    assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    assert hist[-1]["train_loss"] < 0.95 * hist[0]["train_loss"]
+    assert hist[-1]["val_iou"] > hist[0]["val_iou"] + 0.2  # it learns to outline, not only to lower a loss
     assert all(np.isfinite(h["val_loss"]) for h in hist)
     model = load_model(out)
     meta = model.metadata
-    assert model.arch == "light-unet" and meta["mpp"] == 0.25 and meta["patch_size"] == 128
+    assert meta["training_precision"]["name"] in ("fp32", "bf16") and meta["training_precision"]["reason"]
+    assert model.arch == "s2d-unet" and meta["mpp"] == 0.25 and meta["patch_size"] == 128
     assert meta["training"]["val_tiles"] == ["tile2"] and meta["training"]["train_tiles"] == ["tile0", "tile1"]
     assert "validation" in meta and meta["package_version"]
     # resuming continues from the last epoch instead of starting over

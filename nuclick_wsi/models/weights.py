@@ -77,11 +77,15 @@ def build_network(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Modu
         from .nuclick import NuClickNet
 
         return NuClickNet(**arch_args)
+    if arch == "s2d-unet":  # space-to-depth stem, full-resolution head (models/s2d_unet.py)
+        from .s2d_unet import S2DUNet
+
+        return S2DUNet(**arch_args)
     if arch == "tia-light-unet":  # TIAToolbox's nuclick_light-pannuke layout (models/tia_unet.py)
         from .tia_unet import TiaLightUNet
 
         return TiaLightUNet(**arch_args)
-    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, nuclick, tia-light-unet)")
+    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, s2d-unet, nuclick, tia-light-unet)")
 
 
 def save_checkpoint(path: str | os.PathLike, net: nn.Module, arch: str, arch_args: dict[str, Any],

@@ -26,9 +26,23 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
     return (1 - (2 * inter + eps) / (prob.sum(dims) + target.sum(dims) + eps)).mean()
 
 
-def nuclick_loss(logits: torch.Tensor, target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """Soft Dice plus weighted BCE (mean of W * BCE over pixels)."""
+def calibrated_weights(target: torch.Tensor, others: torch.Tensor, other_weight: float = 2.0) -> torch.Tensor:
+    """Weight map without the size-dependent factor: 1 everywhere, ``other_weight`` on other objects.
+
+    NuClick's a^2 G term grows as the clicked nucleus shrinks, which pushes small nuclei outward
+    (measured: predicted/true area 1.5 below 100 px, 1.0 above 400 px). Here every pixel of the clicked
+    nucleus and of the background weighs the same whatever the nucleus' size; pixels of the *other*
+    nuclei weigh a bounded constant so that an outline does not run into its neighbour.
+    """
+    return 1 + other_weight * others
+
+
+LOSSES = ("nuclick", "calibrated")
+
+
+def nuclick_loss(logits: torch.Tensor, target: torch.Tensor, others: torch.Tensor, kind: str = "nuclick") -> torch.Tensor:
+    """Soft Dice plus weighted BCE (mean of W * BCE over pixels); ``kind`` picks the weight map."""
     logits = logits.float()
-    w = nuclick_weights(target, others)
+    w = nuclick_weights(target, others) if kind == "nuclick" else calibrated_weights(target, others)
     bce = F.binary_cross_entropy_with_logits(logits, target, weight=w, reduction="mean")
     return soft_dice_loss(torch.sigmoid(logits), target) + bce

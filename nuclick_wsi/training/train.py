@@ -19,7 +19,7 @@ from ..engine import resolve_device
 from ..errors import NuclickError
 from ..models.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
 from .datasets import Tile, find_pairs, load_tile
-from .loss import nuclick_loss
+from .loss import LOSSES, nuclick_loss
 from .sampling import PatchSampler, make_batch
 
 
@@ -29,7 +29,7 @@ class TrainConfig:
 
     data: list[str]
     output: str
-    arch: str = "light-unet"
+    arch: str = "s2d-unet"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     epochs: int = 40
     samples_per_epoch: int | None = None  #: default: one per clickable object
@@ -45,6 +45,8 @@ class TrainConfig:
     max_minutes: float | None = None
     use_binary_masks: bool = True
     task: str = "nuclei"
+    loss: str = "calibrated"  #: "nuclick" (the paper's weight map) or "calibrated" (no size-dependent weight)
+    precision: str = "auto"  #: "auto" (measured, as segment does), "fp32" or "bf16"
 
     def __post_init__(self) -> None:
         if self.task not in PATCH_DEFAULTS:
@@ -53,6 +55,8 @@ class TrainConfig:
             self.patch_size = PATCH_DEFAULTS[self.task]
         if self.batch_size is None:
             self.batch_size = 16 if self.task == "gland" else 64
+        if self.loss not in LOSSES:
+            raise NuclickError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
 
 
 def load_tiles(data: list[str], *, exclude: list[str] = (), use_binary: bool = True, log=print) -> list[Tile]:
@@ -76,7 +80,8 @@ VAL_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 @torch.no_grad()
 def validate(net, sampler: PatchSampler, device, batch_size: int,
-             thresholds: tuple[float, ...] = VAL_THRESHOLDS) -> dict[str, Any]:
+             thresholds: tuple[float, ...] = VAL_THRESHOLDS, dtype: torch.dtype | None = torch.bfloat16,
+             loss_kind: str = "nuclick") -> dict[str, Any]:
     """Loss and mean IoU of the object containing the click (clicks at centroids, no augmentation).
 
     The mask is made exactly as ``segment`` makes it (threshold, 4-connected component holding the
@@ -94,9 +99,9 @@ def validate(net, sampler: PatchSampler, device, batch_size: int,
     for s in range(0, len(items), batch_size):
         x, g, go = make_batch(sampler, 0, augment=False, click_at_centroid=True, items=items[s:s + batch_size], rng=rng)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = net(x)
-        losses.append(float(nuclick_loss(logits.float().cpu(), g, go)) * len(x))
+        losses.append(float(nuclick_loss(logits.float().cpu(), g, go, loss_kind)) * len(x))
         prob = torch.sigmoid(logits.float()).cpu().numpy()[:, 0]
         gt = g.numpy()[:, 0] > 0
         p = prob.shape[-1] // 2
@@ -140,8 +145,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
         batch_fn, val_fn = make_batch, validate
         sampler = PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
         val_sampler = PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
-    arch_args = {"widths": list(cfg.widths)} if cfg.arch == "light-unet" else {}
+    arch_args = {"widths": list(cfg.widths)} if cfg.arch in ("light-unet", "s2d-unet") else {}
     net = build_network(cfg.arch, arch_args).to(device).to(memory_format=torch.channels_last)
+    from ..precision import choose_precision
+
+    choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(cfg.arch, arch_args))
+    dtype = choice.dtype
+    log(f"precision: {choice.name} ({choice.reason})")
+    net.train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     spe = cfg.samples_per_epoch or len(sampler)
     steps_per_epoch = max(spe // cfg.batch_size, 1)
@@ -180,7 +191,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
             "train_objects": len(sampler), "val_objects": len(val_sampler),
             "sources": sorted({t.source for t in tiles}),
         },
-        "package_version": __version__,
+        "package_version": __version__, "training_precision": {"name": choice.name, "reason": choice.reason},
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}",
         "command": " ".join(sys.argv),
     }
@@ -197,9 +208,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
             x, g, go = batch_fn(sampler, cfg.batch_size)
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             g, go = g.to(device), go.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = net(x)
-            loss = nuclick_loss(logits, g, go)
+            loss = nuclick_loss(logits, g, go, cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             set_lr(gstep, elapsed0 + time.time() - t0)
@@ -211,7 +222,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
                 bar.set_postfix(loss=f"{run_loss / (step + 1):.4f}")
         if bar is not None:
             bar.close()
-        vm = val_fn(net, val_sampler, device, cfg.batch_size)
+        vm = val_fn(net, val_sampler, device, cfg.batch_size, **({"dtype": dtype, "loss_kind": cfg.loss} if val_fn is validate else {}))
         elapsed = elapsed0 + time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch, **{f"val_{k}": v for k, v in vm.items()},
                         "elapsed_s": round(elapsed, 1)})
