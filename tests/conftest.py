@@ -14,6 +14,12 @@ from nuclick_wsi.models.weights import LoadedModel
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _precision_cache(tmp_path_factory):
+    """Precision probes go to a cache of the test session's own, never the user's ~/.cache."""
+    os.environ["NUCLICK_WSI_CACHE_DIR"] = str(tmp_path_factory.mktemp("nuclick-cache"))
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.exists():  # CI clones the repo with ../shared beside it; allow an override
     SHARED = Path(os.environ.get("NUCLICK_SHARED_DATA", SHARED))
