@@ -134,10 +134,12 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write (best on validation); OUTPUT.last.pt holds the resumable state.")
 @click.option("--task", type=click.Choice(["nuclei", "gland"]), default="nuclei", show_default=True)
-@click.option("--arch", type=click.Choice(["s2d-unet", "light-unet", "nuclick"]), default="s2d-unet", show_default=True)
+@click.option("--arch", type=click.Choice(["s2d-unet", "light-unet", "nuclick"]), default=None,
+              help="Default: s2d-unet (nuclei), light-unet (gland).")
 @click.option("--widths", default="16,32,64,128", show_default=True, help="s2d-unet / light-unet encoder widths.")
-@click.option("--loss", type=click.Choice(["calibrated", "nuclick"]), default="calibrated", show_default=True,
-              help="calibrated: Dice + BCE weighted 1 everywhere and 3 on other nuclei; nuclick: the paper's a^2 weight map.")
+@click.option("--loss", type=click.Choice(["calibrated", "nuclick"]), default=None,
+              help="calibrated (default for nuclei): Dice + BCE weighted 1 everywhere and 3 on other nuclei; "
+                   "nuclick (default for glands): the paper's a^2 weight map.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 only where measured faster (as segment chooses).")
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
@@ -158,7 +160,7 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
 @click.option("--quiet", "-q", is_flag=True)
 @_fail_cleanly
 def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, patch_size, lr, mpp, val_tiles,
-          exclude, no_binary_masks, max_minutes, device, seed, quiet, loss="calibrated", precision="auto") -> None:
+          exclude, no_binary_masks, max_minutes, device, seed, quiet, loss=None, precision="auto") -> None:
     """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines).
 
     --task gland: instance label images, one id per gland (GlaS: NAME.bmp + NAME_anno.bmp); squiggles

@@ -29,7 +29,7 @@ class TrainConfig:
 
     data: list[str]
     output: str
-    arch: str = "s2d-unet"
+    arch: str | None = None  #: default: s2d-unet (nuclei), light-unet (gland)
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     epochs: int = 40
     samples_per_epoch: int | None = None  #: default: one per clickable object
@@ -45,7 +45,9 @@ class TrainConfig:
     max_minutes: float | None = None
     use_binary_masks: bool = True
     task: str = "nuclei"
-    loss: str = "calibrated"  #: "nuclick" (the paper's weight map) or "calibrated" (no size-dependent weight)
+    #: "calibrated" (no size-dependent weight; default for nuclei) or "nuclick" (the paper's weight map; default for
+    #: glands, whose recipe was not re-studied)
+    loss: str | None = None
     precision: str = "auto"  #: "auto" (measured, as segment does), "fp32" or "bf16"
 
     def __post_init__(self) -> None:
@@ -55,6 +57,10 @@ class TrainConfig:
             self.patch_size = PATCH_DEFAULTS[self.task]
         if self.batch_size is None:
             self.batch_size = 16 if self.task == "gland" else 64
+        if self.arch is None:
+            self.arch = "light-unet" if self.task == "gland" else "s2d-unet"
+        if self.loss is None:
+            self.loss = "nuclick" if self.task == "gland" else "calibrated"
         if self.loss not in LOSSES:
             raise NuclickError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
 
