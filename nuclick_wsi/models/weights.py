@@ -85,7 +85,16 @@ def build_network(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Modu
         from .tia_unet import TiaLightUNet
 
         return TiaLightUNet(**arch_args)
-    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, s2d-unet, nuclick, tia-light-unet)")
+    if arch == "nuclick-torch-unet":  # the NuClick authors' PyTorch port's UNet (model/architectures/nuclick_torch.py)
+        from ..model.architectures.nuclick_torch import NuclickTorchUNet
+
+        return NuclickTorchUNet(**arch_args)
+    if arch == "monai-nuclick-basicunet":  # MONAI's pathology_nuclick_annotation bundle (model/architectures/monai_basicunet.py)
+        from ..model.architectures.monai_basicunet import MonaiNuclickUNet
+
+        return MonaiNuclickUNet(**arch_args)
+    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, s2d-unet, nuclick, tia-light-unet, "
+                     "nuclick-torch-unet, monai-nuclick-basicunet)")
 
 
 def save_checkpoint(path: str | os.PathLike, net: nn.Module, arch: str, arch_args: dict[str, Any],
@@ -162,18 +171,24 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
     if ckpt.get("format") == FORMAT:
         arch, arch_args, sd, meta = ckpt["arch"], ckpt.get("arch_args", {}), ckpt["state_dict"], ckpt.get("metadata", {})
     else:
-        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt.get("state_dict", None), dict) else ckpt
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        from ..model.architectures import monai_basicunet as monai, nuclick_torch
         from .tia_unet import looks_tia_light  # TIAToolbox's nuclick_light-pannuke layout
 
-        if looks_tia_light(sd):
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt.get("state_dict", None), dict) else monai.unwrap_monai(ckpt)
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        if nuclick_torch.looks_nuclick_torch_unet(sd):
+            arch, arch_args, meta = "nuclick-torch-unet", {}, {**nuclick_torch.NUCLICK_TORCH_UNET_META, "task": task}
+        elif monai.looks_monai_basicunet(sd):
+            arch, arch_args, meta = "monai-nuclick-basicunet", {}, {**monai.MONAI_NUCLICK_META, "task": task}
+        elif looks_tia_light(sd):
             arch, arch_args = "tia-light-unet", {}
             meta = tiatoolbox_metadata(task, "nuclick_light-pannuke")
         elif _looks_tiatoolbox(sd):
             arch, arch_args = "nuclick", {}
             meta = tiatoolbox_metadata(task)
         else:
-            raise ModelError(f"{path}: neither a nuclick-wsi checkpoint nor a TIAToolbox NuClick state dict")
+            raise ModelError(f"{path}: neither a nuclick-wsi checkpoint nor a published NuClick state dict "
+                             "(TIAToolbox, nuclick_torch, MONAI pathology_nuclick_annotation)")
     if "mpp" not in meta:
         raise ModelError(f"{path}: the checkpoint does not say at which um/px it works (metadata 'mpp')")
     net = build_network(arch, arch_args)
