@@ -7,8 +7,9 @@ A nuclick-wsi checkpoint is a ``torch.save``-d dict (loaded with ``weights_only=
 
 ``metadata`` carries what inference needs (``mpp``, ``patch_size``, ``task``, ``postprocess``
 thresholds) and what a user needs to trust it (data, validation metrics, version, command).
-A bare state dict with TIAToolbox's NuClick key names (their ``nuclick_original-pannuke.pth``)
-also loads, with TIAToolbox's documented defaults as metadata.
+Published NuClick state dicts also load, recognised by their keys, with their authors' settings as
+metadata: TIAToolbox's ``nuclick_original-pannuke.pth`` / ``nuclick_light-pannuke.pth``, the nuclick_torch
+port's UNet, MONAI's ``pathology_nuclick_annotation`` BasicUNet (``nuclick_wsi/model/architectures/``).
 """
 
 from __future__ import annotations
