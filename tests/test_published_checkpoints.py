@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from conftest import write_tiff_slide
+from nuclick_wsi.errors import ModelError
 from nuclick_wsi.model.architectures.monai_basicunet import MonaiNuclickUNet
 from nuclick_wsi.model.architectures.nuclick_torch import NuclickTorchUNet
 from nuclick_wsi.models.weights import load_model
@@ -96,6 +97,17 @@ def test_published_file_is_recognised(arch, wrap, tmp_path):
     x = torch.rand(2, 5, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(model.net(x), ref.eval()(x), rtol=0, atol=0)
+
+
+def test_other_widths_of_a_published_layout_are_a_clear_error(tmp_path):
+    """A BasicUNet of other widths (16 first features) is recognised by its keys, then refused in one line."""
+    sd = published_state_dict("monai-nuclick-basicunet")
+    sd["conv_0.conv_0.conv.weight"] = torch.zeros(16, 5, 3, 3)
+    path = tmp_path / "other.pt"
+    torch.save(sd, path)
+    with pytest.raises(ModelError, match=r"other\.pt: weights do not fit the monai-nuclick-basicunet network") as exc:
+        load_model(path)
+    assert "\n" not in str(exc.value)
 
 
 def test_monai_wrapper_feeds_the_bundle_convention():

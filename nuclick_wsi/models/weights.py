@@ -172,21 +172,21 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
     if ckpt.get("format") == FORMAT:
         arch, arch_args, sd, meta = ckpt["arch"], ckpt.get("arch_args", {}), ckpt["state_dict"], ckpt.get("metadata", {})
     else:
-        from ..model.architectures import monai_basicunet as monai, nuclick_torch
+        from ..model.architectures import monai_basicunet, nuclick_torch
         from .tia_unet import looks_tia_light  # TIAToolbox's nuclick_light-pannuke layout
 
-        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt.get("state_dict", None), dict) else monai.unwrap_monai(ckpt)
+        sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else monai_basicunet.unwrap_monai(ckpt)
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
         if nuclick_torch.looks_nuclick_torch_unet(sd):
             arch, arch_args, meta = "nuclick-torch-unet", {}, {**nuclick_torch.NUCLICK_TORCH_UNET_META, "task": task}
-        elif monai.looks_monai_basicunet(sd):
-            arch, arch_args, meta = "monai-nuclick-basicunet", {}, {**monai.MONAI_NUCLICK_META, "task": task}
+        elif monai_basicunet.looks_monai_basicunet(sd):
+            arch, arch_args, meta = "monai-nuclick-basicunet", {}, {**monai_basicunet.MONAI_NUCLICK_META, "task": task}
         elif looks_tia_light(sd):
             arch, arch_args = "tia-light-unet", {}
             meta = tiatoolbox_metadata(task, "nuclick_light-pannuke")
         elif _looks_tiatoolbox(sd):
-            arch, arch_args = "nuclick", {}
-            meta = tiatoolbox_metadata(task)
+            arch, arch_args = "nuclick", {}  # also nuclick_torch's NuClick_NN: same keys, its threshold 0.5
+            meta = tiatoolbox_metadata(task, "nuclick_original-pannuke (or nuclick_torch NuClick_NN: same keys)")
         else:
             raise ModelError(f"{path}: neither a nuclick-wsi checkpoint nor a published NuClick state dict "
                              "(TIAToolbox, nuclick_torch, MONAI pathology_nuclick_annotation)")
