@@ -12,7 +12,8 @@ Sources of the key layouts (``tests/data``), each written from the authors' own 
   out_channels=1, features=[32, 64, 128, 256, 512, 32])``, the ``network_def`` of the model-zoo bundle
   ``pathology_nuclick_annotation`` (``configs/inference.json``), ``state_dict()`` keys and shapes in
   order. The bundle's ``model.pt`` is a bare state dict (ignite's Checkpoint saves a single object
-  unwrapped); MONAI's ``CheckpointLoader`` also reads ``{"model": state_dict}``.
+  unwrapped); MONAI's ``CheckpointLoader`` also reads ``{"model": state_dict}``. MONAI Label's
+  pathology app downloads this same bundle (``sample-apps/pathology/lib/configs/nuclick.py``).
 
 Verified by hand (2026-11-30, torch 2.13.0+cpu): with the port's ``models/`` on ``sys.path``, and
 with ``monai==1.6.1`` in a throwaway venv, our networks have the same ordered keys and shapes, and
@@ -43,7 +44,7 @@ from nuclick_wsi.store import is_complete, open_labels
 DATA = Path(__file__).parent / "data"
 LAYOUTS = {  # arch: (keys file, our network, last layer's bias key, threshold, min object px, min hole px)
     "nuclick-torch-unet": ("nuclick_torch_unet_keys.json", NuclickTorchUNet, "outc.conv.bias", 0.5, 10, 30),
-    "monai-nuclick-basicunet": ("monai_nuclick_basicunet_keys.json", MonaiNuclickUNet, "final_conv.bias", 0.5, 0, 0),
+    "monai-nuclick-basicunet": ("monai_nuclick_basicunet_keys.json", MonaiNuclickUNet, "final_conv.bias", 0.5, 10, 30),
 }
 
 

@@ -29,8 +29,13 @@ with spatial axes swapped (x first: ``reverse_indexing=True``), ``ScaleIntensity
 0..255 to **-1..1** (``metadata.json`` says [0, 1]; the transforms say otherwise and are what ran),
 ``AddClickSignalsd`` crops 128x128 (``bb_size=128``) around each click and adds an inclusion map
 (1 at the click) and an exclusion map (1 at the other clicks), ``gaussian: false``. Output:
-``sigmoid``, threshold 0.5 (``AsDiscreted``), then ``KeepLargestConnectedComponentd``; no small
-object or hole removal. Resolution: trained on CoNSeP (``metadata.json`` ``data_source``), tiles
+``sigmoid``, threshold 0.5 (``AsDiscreted``), then ``KeepLargestConnectedComponentd``. MONAI Label's
+pathology app (github.com/Project-MONAI/MONAILabel, ``sample-apps/pathology/lib/configs/nuclick.py``
+downloads this bundle; ``lib/infers/nuclick.py``) runs the same network and preprocessing on patches
+it also reads x first (``lib/transforms.py`` ``LoadImagePatchd``: ``np.moveaxis(image, 0, 1)``),
+keeps the 0.5 threshold and then applies ``PostFilterLabeld`` with its defaults (objects < 10 px and
+holes < 30 px removed, ``monai/apps/nuclick/transforms.py``): being the interactive use, like ours,
+those are the settings here. Resolution: trained on CoNSeP (``metadata.json`` ``data_source``), tiles
 at 40x objective (Graham et al., HoVer-Net, Medical Image Analysis 2019), i.e. about 0.25 um/px.
 
 Our batches are RGB in [0, 1] (y first) with the same guidance maps, so :class:`MonaiNuclickUNet`
@@ -55,7 +60,7 @@ FEATURES = (32, 64, 128, 256, 512, 32)
 #: inference metadata for the bundle's weights (sources in the module docstring)
 MONAI_NUCLICK_META: dict[str, Any] = {
     "task": "nuclei", "mpp": 0.25, "patch_size": 128,
-    "postprocess": {"threshold": 0.5, "min_object_px": 0, "min_hole_px": 0},
+    "postprocess": {"threshold": 0.5, "min_object_px": 10, "min_hole_px": 30},
     "input": "RGB scaled to [-1, 1], spatial axes swapped (x first), as the bundle's transforms",
     "source": "MONAI model-zoo pathology_nuclick_annotation BasicUNet state dict (Apache-2.0)",
 }
