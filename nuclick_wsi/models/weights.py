@@ -7,8 +7,9 @@ A nuclick-wsi checkpoint is a ``torch.save``-d dict (loaded with ``weights_only=
 
 ``metadata`` carries what inference needs (``mpp``, ``patch_size``, ``task``, ``postprocess``
 thresholds) and what a user needs to trust it (data, validation metrics, version, command).
-A bare state dict with TIAToolbox's NuClick key names (their ``nuclick_original-pannuke.pth``)
-also loads, with TIAToolbox's documented defaults as metadata.
+Published NuClick state dicts also load, recognised by their keys, with their authors' settings as
+metadata: TIAToolbox's ``nuclick_original-pannuke.pth`` / ``nuclick_light-pannuke.pth``, the nuclick_torch
+port's UNet, MONAI's ``pathology_nuclick_annotation`` BasicUNet (``nuclick_wsi/model/architectures/``).
 """
 
 from __future__ import annotations
@@ -85,7 +86,16 @@ def build_network(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Modu
         from .tia_unet import TiaLightUNet
 
         return TiaLightUNet(**arch_args)
-    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, s2d-unet, nuclick, tia-light-unet)")
+    if arch == "nuclick-torch-unet":  # the NuClick authors' PyTorch port's UNet (model/architectures/nuclick_torch.py)
+        from ..model.architectures.nuclick_torch import NuclickTorchUNet
+
+        return NuclickTorchUNet(**arch_args)
+    if arch == "monai-nuclick-basicunet":  # MONAI's pathology_nuclick_annotation bundle (model/architectures/monai_basicunet.py)
+        from ..model.architectures.monai_basicunet import MonaiNuclickUNet
+
+        return MonaiNuclickUNet(**arch_args)
+    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, s2d-unet, nuclick, tia-light-unet, "
+                     "nuclick-torch-unet, monai-nuclick-basicunet)")
 
 
 def save_checkpoint(path: str | os.PathLike, net: nn.Module, arch: str, arch_args: dict[str, Any],
@@ -162,18 +172,24 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
     if ckpt.get("format") == FORMAT:
         arch, arch_args, sd, meta = ckpt["arch"], ckpt.get("arch_args", {}), ckpt["state_dict"], ckpt.get("metadata", {})
     else:
-        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt.get("state_dict", None), dict) else ckpt
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        from ..model.architectures import monai_basicunet, nuclick_torch
         from .tia_unet import looks_tia_light  # TIAToolbox's nuclick_light-pannuke layout
 
-        if looks_tia_light(sd):
+        sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else monai_basicunet.unwrap_monai(ckpt)
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        if nuclick_torch.looks_nuclick_torch_unet(sd):
+            arch, arch_args, meta = "nuclick-torch-unet", {}, {**nuclick_torch.NUCLICK_TORCH_UNET_META, "task": task}
+        elif monai_basicunet.looks_monai_basicunet(sd):
+            arch, arch_args, meta = "monai-nuclick-basicunet", {}, {**monai_basicunet.MONAI_NUCLICK_META, "task": task}
+        elif looks_tia_light(sd):
             arch, arch_args = "tia-light-unet", {}
             meta = tiatoolbox_metadata(task, "nuclick_light-pannuke")
         elif _looks_tiatoolbox(sd):
-            arch, arch_args = "nuclick", {}
-            meta = tiatoolbox_metadata(task)
+            arch, arch_args = "nuclick", {}  # also nuclick_torch's NuClick_NN: same keys, its threshold 0.5
+            meta = tiatoolbox_metadata(task, "nuclick_original-pannuke (or nuclick_torch NuClick_NN: same keys)")
         else:
-            raise ModelError(f"{path}: neither a nuclick-wsi checkpoint nor a TIAToolbox NuClick state dict")
+            raise ModelError(f"{path}: neither a nuclick-wsi checkpoint nor a published NuClick state dict "
+                             "(TIAToolbox, nuclick_torch, MONAI pathology_nuclick_annotation)")
     if "mpp" not in meta:
         raise ModelError(f"{path}: the checkpoint does not say at which um/px it works (metadata 'mpp')")
     net = build_network(arch, arch_args)
