@@ -10,7 +10,7 @@ on the haematoxylin channel), so users see what the model adds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,12 +59,75 @@ def gt_clicks(labels: np.ndarray, *, jitter: float = 0.0, rng: np.random.Generat
     return np.asarray(xs, int), np.asarray(ys, int)
 
 
+#: true-area bins (um^2) for the predicted/true area ratio: 100, 200, 400 px at 0.25 um/px (40x)
+AREA_BINS_UM2 = (6.25, 12.5, 25.0)
+
+
 @dataclass
 class TileScores:
     name: str
     n_objects: int
     scores: dict[str, dict[str, float]]  #: method -> metric -> value
     seconds: float
+    #: per ground-truth object: true area um^2, predicted area um^2 of its click's instance, IoU, confidence
+    objects: np.ndarray | None = None
+
+
+def rescale_tile(tile: Tile, factor: float) -> Tile:
+    """The tile as a scanner at ``factor`` times its resolution would give it (0.5: 40x -> 20x).
+
+    The image is resampled with antialiasing, the labels by nearest neighbour; um/px grows by 1/factor.
+    """
+    from skimage.transform import resize
+
+    h, w = tile.labels.shape
+    shape = (max(int(round(h * factor)), 1), max(int(round(w * factor)), 1))
+    img = resize(tile.image, shape, order=1, anti_aliasing=factor < 1, preserve_range=True).round().astype(np.uint8)
+    lab = resize(tile.labels, shape, order=0, anti_aliasing=False, preserve_range=True).astype(tile.labels.dtype)
+    ids = np.unique(lab)
+    return replace(tile, image=img, labels=lab, targets=ids[ids > 0], mpp=tile.mpp / factor if tile.mpp else None)
+
+
+def object_table(gt: np.ndarray, pred: np.ndarray, ids: np.ndarray, instances, mpp: float) -> np.ndarray:
+    """(n, 4): true area, predicted area (um^2), IoU and confidence of click k's instance vs object ids[k]."""
+    n = len(ids)
+    conf = np.full(n, np.nan)
+    for inst in instances:
+        if inst.prompt_index < n and getattr(inst, "confidence", None) is not None:
+            conf[inst.prompt_index] = inst.confidence
+    true_area = np.bincount(gt.ravel(), minlength=int(gt.max()) + 1)[ids]
+    labels = np.arange(1, n + 1)
+    pred_area = np.bincount(pred.ravel(), minlength=n + 1)[labels]
+    both = gt.astype(np.int64) * (n + 1) + pred.astype(np.int64)
+    inter_pairs = np.bincount(both.ravel(), minlength=(int(gt.max()) + 1) * (n + 1))
+    inter = inter_pairs[ids.astype(np.int64) * (n + 1) + labels]
+    iou = inter / np.maximum(true_area + pred_area - inter, 1)
+    return np.stack([true_area * mpp ** 2, pred_area * mpp ** 2, iou, conf], 1)
+
+
+def size_calibration(objects: np.ndarray) -> dict[str, Any]:
+    """Median predicted/true area per true-size bin (the issue's size bias), over all tiles' objects."""
+    edges = (0.0, *AREA_BINS_UM2, np.inf)
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (objects[:, 0] >= lo) & (objects[:, 0] < hi)
+        name = f"{lo:g}-{hi:g} um2" if np.isfinite(hi) else f">= {lo:g} um2"
+        ratio = objects[sel, 1] / np.maximum(objects[sel, 0], 1e-9)
+        out[name] = {"n": int(sel.sum()), "median_area_ratio": round(float(np.median(ratio)), 3) if sel.any() else None}
+    return out
+
+
+def confidence_ranking(objects: np.ndarray) -> dict[str, Any] | None:
+    """How well the outline confidence ranks outlines by IoU: Spearman rho, IoU of the worst 5% vs the rest."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(objects[:, 3]) & (objects[:, 1] > 0)
+    if ok.sum() < 20:
+        return None
+    conf, iou = objects[ok, 3], objects[ok, 2]
+    worst = conf <= np.quantile(conf, 0.05)
+    return {"n": int(ok.sum()), "spearman_rho": round(float(spearmanr(conf, iou).statistic), 4),
+            "iou_worst_5pct": round(float(iou[worst].mean()), 4), "iou_rest": round(float(iou[~worst].mean()), 4)}
 
 
 def evaluate_tile(tile: Tile, model: LoadedModel, *, mpp: float, jitter: float = 0.0, seed: int = 0,
@@ -76,14 +139,16 @@ def evaluate_tile(tile: Tile, model: LoadedModel, *, mpp: float, jitter: float =
     source = array_source(tile.image, mpp, name=tile.name)
     opts = options or SegmentOptions(progress=False, duplicate_px=0)
     t = time.perf_counter()
-    pred, _, _ = predict_labels(source, prompts, model, predictor=predictor, options=opts, mpp=mpp)
+    pred, instances, _ = predict_labels(source, prompts, model, predictor=predictor, options=opts, mpp=mpp)
     secs = time.perf_counter() - t
     scores = {"model": score_all(gt, pred.astype(np.int64))}
+    ids = np.unique(gt)
+    objects = object_table(gt, np.asarray(pred), ids[ids > 0], instances, mpp)
     if baselines:
         clicks = list(zip(xs.tolist(), ys.tolist()))
         scores["disk"] = score_all(gt, disk_baseline(gt.shape, clicks))
         scores["watershed"] = score_all(gt, watershed_baseline(tile.image, clicks))
-    return TileScores(tile.name, len(xs), scores, secs)
+    return TileScores(tile.name, len(xs), scores, secs, objects)
 
 
 def load_eval_tiles(data: list[str], names: list[str] | None = None) -> list[Tile]:
@@ -98,8 +163,12 @@ def load_eval_tiles(data: list[str], names: list[str] | None = None) -> list[Til
 
 
 def evaluate(tiles: list[Tile], model: LoadedModel, *, mpp: float | None = None, jitter: float = 0.0, seed: int = 0,
-             baselines: bool = True, options: SegmentOptions | None = None, progress: bool = False) -> dict[str, Any]:
-    """Evaluate on tiles; returns per-tile and overall (mean over tiles) scores as a JSON-able dict."""
+             baselines: bool = True, options: SegmentOptions | None = None, progress: bool = False,
+             scale: float = 1.0) -> dict[str, Any]:
+    """Evaluate on tiles; returns per-tile and overall (mean over tiles) scores as a JSON-able dict.
+
+    ``scale`` resamples each tile first (0.5: the tiles as a 20x scan of a 40x tile would give them).
+    """
     from .engine import Predictor
 
     opts = options or SegmentOptions(progress=False, duplicate_px=0)
@@ -115,19 +184,24 @@ def evaluate(tiles: list[Tile], model: LoadedModel, *, mpp: float | None = None,
         if tile_mpp is None:
             tile_mpp = model.mpp
             notes.append(f"{tile.name}: um/px unknown, assumed the model's {model.mpp}")
+        if scale != 1.0:
+            tile, tile_mpp = rescale_tile(tile, scale), tile_mpp / scale
         per_tile.append(evaluate_tile(tile, model, mpp=tile_mpp, jitter=jitter, seed=seed, baselines=baselines,
                                       options=opts, predictor=predictor))
     methods = list(per_tile[0].scores) if per_tile else []
     overall = {m: {k: float(np.nanmean([t.scores[m][k] for t in per_tile])) for k in METRICS} for m in methods}
     n = sum(t.n_objects for t in per_tile)
     secs = sum(t.seconds for t in per_tile)
+    objects = np.concatenate([t.objects for t in per_tile]) if per_tile else np.zeros((0, 4))
     return {
         "model": model.source, "jitter": jitter, "seed": seed, "notes": notes,
         "tiles": [{"name": t.name, "objects": t.n_objects, "seconds": round(t.seconds, 2),
                    **{m: {k: round(float(v), 4) for k, v in t.scores[m].items() if k in METRICS} for m in t.scores}}
                   for t in per_tile],
         "overall": {m: {k: round(v, 4) for k, v in d.items()} for m, d in overall.items()},
-        "objects": n, "nuclei_per_s": round(n / secs, 1) if secs else None,
+        "objects": n, "nuclei_per_s": round(n / secs, 1) if secs else None, "scale": scale,
+        "size_calibration": size_calibration(objects) if len(objects) else {},
+        "confidence_ranking": confidence_ranking(objects) if len(objects) else None,
     }
 
 
@@ -141,4 +215,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("-" * len(head))
     for m, d in result["overall"].items():
         lines.append(f"{'mean over tiles':<26}{m:<11}" + "".join(f"{d[k]:>10.4f}" for k in METRICS))
+    cal = result.get("size_calibration") or {}
+    if cal:
+        lines.append("predicted/true area (median) by true size: " + ", ".join(
+            f"{name}: {v['median_area_ratio']} (n={v['n']})" for name, v in cal.items()))
+    rank = result.get("confidence_ranking")
+    if rank:
+        lines.append(f"outline confidence vs IoU: Spearman rho {rank['spearman_rho']}, IoU of the least confident 5% "
+                     f"{rank['iou_worst_5pct']} vs {rank['iou_rest']} for the rest")
     return "\n".join(lines)
