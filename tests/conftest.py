@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from nuclick_wsi.models.weights import LoadedModel
+from nuclick_wsi.model.weights import LoadedModel
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

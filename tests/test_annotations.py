@@ -1,4 +1,4 @@
-"""Tests of nuclick_wsi.annotations: readers of prompts, writers of outlines, round trips."""
+"""Tests of nuclick_wsi.io.annotations: readers of prompts, writers of outlines, round trips."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from shapely.geometry import MultiPolygon, Polygon
 
-from nuclick_wsi.annotations import (
+from nuclick_wsi.io.annotations import (
     default_color,
     detect_format,
     read_asap_polygons,

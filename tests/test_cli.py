@@ -19,15 +19,15 @@ import torch
 from click.testing import CliRunner
 
 from conftest import DiskNet, disk_model, write_tiff_slide
-from nuclick_wsi.cli import main
+from nuclick_wsi.cli.main import main
 from nuclick_wsi.errors import OutputError
-from nuclick_wsi.models.weights import save_checkpoint
-from nuclick_wsi.store import is_complete, open_labels
+from nuclick_wsi.model.weights import save_checkpoint
+from nuclick_wsi.store.labels import is_complete, open_labels
 
 
 @pytest.fixture(autouse=True)
 def disk_arch(monkeypatch):
-    import nuclick_wsi.models.weights as weights
+    import nuclick_wsi.model.weights as weights
 
     real = weights.build_network
 
@@ -141,7 +141,7 @@ def test_stem_and_rerun(case):
 
 
 def test_real_checkpoint_through_the_cli(case, tmp_path):
-    from nuclick_wsi.models.unet import LightUNet
+    from nuclick_wsi.model.architectures.unet import LightUNet
 
     slide, pts, out = case
     torch.manual_seed(0)
@@ -224,7 +224,7 @@ def test_unknown_resolution_needs_mpp(case, tmp_path):
 
 
 def test_weights_that_do_not_fit(case, tmp_path):
-    from nuclick_wsi.models.unet import LightUNet
+    from nuclick_wsi.model.architectures.unet import LightUNet
 
     slide, pts, out = case
     wide = tmp_path / "wide.pt"
@@ -263,7 +263,7 @@ def test_failure_while_writing(case, monkeypatch):
     def boom(*args, **kwargs):
         raise OutputError(f"cannot write {out}/slide.geojson: No space left on device")
 
-    monkeypatch.setattr("nuclick_wsi.pipeline.write_qupath", boom)
+    monkeypatch.setattr("nuclick_wsi.outputs.commit.write_qupath", boom)
     result = invoke(*segment_args(slide, pts, out, "-q"))
     assert_one_line_error(result, "slide.geojson", "No space")
     assert files_in(out) == []

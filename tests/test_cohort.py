@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import disk_model, write_tiff_slide
-from nuclick_wsi.atomic import TMP_MARK
-from nuclick_wsi.cli import main
-from nuclick_wsi.cohort import (
+from nuclick_wsi._util.fs import TMP_MARK
+from nuclick_wsi.cli.main import main
+from nuclick_wsi.workflows.cohort.batch import (
     BatchOptions,
     FileLock,
     ManifestError,
@@ -30,9 +30,9 @@ from nuclick_wsi.cohort import (
     write_manifest,
 )
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.pipeline import SegmentOptions, segment
+from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 
-NUCLICK = [sys.executable, "-m", "nuclick_wsi.cli"]
+NUCLICK = [sys.executable, "-m", "nuclick_wsi.cli.main"]
 #: every subprocess runs torch on one thread, so CPU results cannot depend on the thread count
 SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -43,8 +43,8 @@ SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def make_weights(path: Path) -> Path:
     """A small random light U-Net checkpoint whose threshold makes it segment something."""
-    from nuclick_wsi.models.unet import LightUNet
-    from nuclick_wsi.models.weights import save_checkpoint
+    from nuclick_wsi.model.architectures.unet import LightUNet
+    from nuclick_wsi.model.weights import save_checkpoint
 
     if not path.exists():
         torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_manifest_reports_every_bad_row(tmp_path):
     # nothing starts: the output folder is not even created; the CLI prints every problem
     out = tmp_path / "out"
     with pytest.raises(ManifestError):
-        run_batch(tmp_path / "bad.csv", out, quick(), model=disk_model())
+        run_batch(tmp_path / "bad.csv", out, quick(), models=Models(nuclei=disk_model()))
     assert not out.exists()
     res = CliRunner().invoke(main, ["batch", str(tmp_path / "bad.csv"), "-o", str(out)])
     assert res.exit_code == 1
@@ -221,7 +221,7 @@ def test_manifest_from_qupath(tmp_path):
     assert text.splitlines()[1].startswith(str(slides.resolve() / "s0.tif"))
     assert ",nuclick/clicks/s0.tif.geojson," in text  # relative: inside the manifest's folder
     # the rows run: clicks on the project's images segment into <file name>.geojson
-    res = run_batch(proj / "manifest.csv", proj / "nuclick" / "results", quick(), model=disk_model())
+    res = run_batch(proj / "manifest.csv", proj / "nuclick" / "results", quick(), models=Models(nuclei=disk_model()))
     assert res.ok and (proj / "nuclick" / "results" / "a_b.tif.geojson").exists()
 
 
@@ -232,11 +232,11 @@ def test_manifest_from_qupath(tmp_path):
 def test_batch_outputs_equal_segment(tmp_path):
     manifest = make_cohort(tmp_path, n=2, weights=False)
     model = disk_model()
-    res = run_batch(manifest, tmp_path / "out", quick(), model=model)
+    res = run_batch(manifest, tmp_path / "out", quick(), models=Models(nuclei=model))
     assert res.ok and [r.status for r in res.results] == ["segmented", "segmented"]
     assert res.results[0].clicks == 5 and res.results[0].segmented == 5
     one = segment(tmp_path / "slides" / "s1.tif", tmp_path / "clicks" / "s1.csv", tmp_path / "single",
-                  options=SegmentOptions(progress=False), model=model)
+                  options=SegmentOptions(progress=False), models=Models(nuclei=model))
     a = {k: v for k, v in deterministic_files(tmp_path / "out").items() if k.startswith("s1.")}
     assert a == deterministic_files(tmp_path / "single") and a
     assert leftovers(tmp_path / "out") == []
@@ -249,7 +249,7 @@ def test_skip_complete_and_resume(tmp_path):
     manifest = make_cohort(tmp_path, n=3, weights=False)
     out = tmp_path / "out"
     model = disk_model()
-    run_batch(manifest, out, quick(), model=model)
+    run_batch(manifest, out, quick(), models=Models(nuclei=model))
     before = deterministic_files(out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     # s1 lost an output; s2 has a stray temporary and a stale lock from a killed process
@@ -259,7 +259,7 @@ def test_skip_complete_and_resume(tmp_path):
     dead.wait()
     (out / "s2.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "start": None,
                                              "time": time.time(), "token": "x"}))
-    res = run_batch(manifest, out, quick(), model=model)
+    res = run_batch(manifest, out, quick(), models=Models(nuclei=model))
     assert [r.status for r in res.results] == ["complete", "segmented", "complete"]
     assert deterministic_files(out) == before
     assert leftovers(out) == []
@@ -268,10 +268,10 @@ def test_skip_complete_and_resume(tmp_path):
     # clicks exported again after the outputs were written: that slide is redone
     later = time.time() + 5
     os.utime(tmp_path / "clicks" / "s0.csv", (later, later))
-    res = run_batch(manifest, out, quick(), model=model)
+    res = run_batch(manifest, out, quick(), models=Models(nuclei=model))
     assert [r.status for r in res.results] == ["segmented", "complete", "complete"]
     # a different set of formats is not complete: the slides are redone with it
-    res = run_batch(manifest, out, quick(segment=SegmentOptions(progress=False, formats=("qupath", "asap"))), model=model)
+    res = run_batch(manifest, out, quick(segment=SegmentOptions(progress=False, formats=("qupath", "asap"))), models=Models(nuclei=model))
     assert [r.status for r in res.results] == ["segmented"] * 3 and (out / "s0.xml").exists()
 
 
@@ -303,7 +303,7 @@ def test_failure_is_isolated_recorded_and_retried(tmp_path):
 
 def test_unexpected_exception_is_recorded(tmp_path, monkeypatch):
     manifest = make_cohort(tmp_path, n=2, weights=False)
-    import nuclick_wsi.cohort as cohort
+    import nuclick_wsi.workflows.cohort.batch as cohort
 
     real = cohort.segment
 
@@ -313,7 +313,7 @@ def test_unexpected_exception_is_recorded(tmp_path, monkeypatch):
         return real(slide, *a, **kw)
 
     monkeypatch.setattr(cohort, "segment", flaky)
-    res = run_batch(manifest, tmp_path / "out", quick(), model=disk_model())
+    res = run_batch(manifest, tmp_path / "out", quick(), models=Models(nuclei=disk_model()))
     assert [r.status for r in res.results] == ["failed", "segmented"] and not res.ok
     record = json.loads((tmp_path / "out" / "s0.failed.json").read_text())
     assert record["error"] == "MemoryError: out of memory" and "Traceback" in record["traceback"]
@@ -392,14 +392,14 @@ def test_batch_leaves_locked_slides_to_their_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / "s0.lock").write_text(_lock_json(os.uname().nodename, holder.pid))
-        res = run_batch(manifest, out, quick(), model=disk_model())
+        res = run_batch(manifest, out, quick(), models=Models(nuclei=disk_model()))
         assert [r.status for r in res.results] == ["running", "segmented"] and res.ok
         assert not (out / "s0.report.json").exists()
         assert "s0,running," in (out / "batch-summary.csv").read_text()
         # --wait: picks it up when the holder is gone
         holder.kill()
         holder.wait()
-        res = run_batch(manifest, out, quick(wait=True, poll=0.1), model=disk_model())
+        res = run_batch(manifest, out, quick(wait=True, poll=0.1), models=Models(nuclei=disk_model()))
         assert [r.status for r in res.results] == ["segmented", "complete"]
         assert leftovers(out) == []
     finally:
@@ -479,7 +479,7 @@ def test_kill_9_then_rerun_gives_identical_bytes(tmp_path):
 
 def test_task_index_runs_one_row(tmp_path):
     manifest = make_cohort(tmp_path, n=3, weights=False)
-    res = run_batch(manifest, tmp_path / "out", quick(task_index=2), model=disk_model())
+    res = run_batch(manifest, tmp_path / "out", quick(task_index=2), models=Models(nuclei=disk_model()))
     assert [r.status for r in res.results] == ["pending", "pending", "segmented"]
     assert res.selected == ["s2"]
     res = CliRunner().invoke(main, ["batch", str(manifest), "-o", str(tmp_path / "out"), "--dry-run"])
@@ -492,8 +492,8 @@ def test_task_index_runs_one_row(tmp_path):
 def test_slides_in_flight_give_the_same_bytes(tmp_path):
     manifest = make_cohort(tmp_path, n=3, weights=False)
     model = disk_model()
-    one = run_batch(manifest, tmp_path / "one", quick(slides_in_flight=1), model=model)
-    two = run_batch(manifest, tmp_path / "two", quick(slides_in_flight=2), model=model)
+    one = run_batch(manifest, tmp_path / "one", quick(slides_in_flight=1), models=Models(nuclei=model))
+    two = run_batch(manifest, tmp_path / "two", quick(slides_in_flight=2), models=Models(nuclei=model))
     assert [r.status for r in two.results] == ["segmented"] * 3 and one.ok
     assert deterministic_files(tmp_path / "two") == deterministic_files(tmp_path / "one")
     assert leftovers(tmp_path / "two") == []

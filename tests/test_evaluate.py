@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nuclick_wsi.evaluate import evaluate, format_table, gt_clicks
-from nuclick_wsi.training.datasets import Tile
+from nuclick_wsi.evaluation.protocol import evaluate, format_table, gt_clicks
+from nuclick_wsi.io.datasets import Tile
 
 from conftest import disk_model
 
@@ -66,13 +66,13 @@ def test_evaluate_scores_model_and_baselines():
 def test_evaluate_cli_writes_json(tmp_path, monkeypatch):
     from PIL import Image
 
-    from nuclick_wsi import cli
+    from nuclick_wsi import cli  # noqa: F401 - cli.main is the command group
 
     tile = _tile()
     (tmp_path / "d").mkdir()
     Image.fromarray(tile.image).save(tmp_path / "d" / "a.png")
     np.save(tmp_path / "d" / "a.npy", tile.labels)
-    monkeypatch.setattr("nuclick_wsi.models.weights.load_model", lambda w=None, **k: disk_model(6.0))
+    monkeypatch.setattr("nuclick_wsi.model.weights.load_model", lambda w=None, **k: disk_model(6.0))
     out = tmp_path / "r.json"
     r = CliRunner().invoke(cli.main, ["evaluate", str(tmp_path / "d"), "--mpp", "0.25", "--json", str(out), "--no-baselines"])
     assert r.exit_code == 0, r.output

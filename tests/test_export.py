@@ -1,4 +1,4 @@
-"""Tests of nuclick_wsi.export: exact pixel-edge tracing, rasterisation, deterministic ids."""
+"""Tests of nuclick_wsi.postprocess.trace: exact pixel-edge tracing, rasterisation, deterministic ids."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 from skimage.draw import ellipse
 
-from nuclick_wsi.export import (
+from nuclick_wsi.postprocess.trace import (
     NUCLICK_NAMESPACE,
     deterministic_uuid,
     mask_rectangles,

@@ -21,18 +21,18 @@ from skimage import draw
 from torch import nn
 
 from conftest import disk_model, write_tiff_slide
-from nuclick_wsi.annotations import read_prompts
+from nuclick_wsi.io.annotations import read_prompts
 from nuclick_wsi.errors import ModelError, NuclickError
-from nuclick_wsi.export import rasterize
-from nuclick_wsi.glands import (CONTEXT, MIN_CONTEXT, GlandRun, guidance_maps, polyline_pixels,
-                                predict_gland_labels, squiggle_box)
-from nuclick_wsi.models.weights import POSTPROCESS_DEFAULTS, LoadedModel
-from nuclick_wsi.pipeline import SegmentOptions, segment
-from nuclick_wsi.postprocess import PostParams
+from nuclick_wsi.postprocess.trace import rasterize
+from nuclick_wsi.engine.squiggles import SquiggleStrategy
+from nuclick_wsi.guidance.squiggles import CONTEXT, MIN_CONTEXT, guidance_maps, polyline_pixels, squiggle_box
+from nuclick_wsi.model.weights import POSTPROCESS_DEFAULTS, LoadedModel
+from nuclick_wsi.pipeline import Models, SegmentOptions, predict_gland_labels, segment
+from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.records import Prompts, Squiggle
-from nuclick_wsi.slide import array_source
-from nuclick_wsi.store import open_labels, read_instance_table
-from nuclick_wsi.training.datasets import Tile, find_pairs, load_tile
+from nuclick_wsi.io.slides.base import array_source
+from nuclick_wsi.store.labels import open_labels, read_instance_table
+from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
 from nuclick_wsi.training.squiggles import (GlandSampler, gland_distance, make_gland_batch, sample_squiggle,
                                             squiggle_threshold_range)
 
@@ -276,12 +276,11 @@ def test_reads_and_inclusion_map_small_and_large(tmp_path):
     slide = RecordingSlide(array_source(rgb, 0.5))
     prompts = Prompts(squiggles=[Squiggle(tuple(p), index=k) for k, p in enumerate(SQUIGGLES)])
     model = dark_gland_model()
-    from nuclick_wsi.engine import Predictor
+    from nuclick_wsi.engine.background import Timer
 
-    run = GlandRun(slide, prompts, model, Predictor(model, "cpu", "fp32"), PostParams(0.3, 1000, 1000), "s", 0.5,
-                   first_label=1)
-    order = run.plan()
-    batches = list(run.batches(order))
+    run = SquiggleStrategy(slide, prompts, model.mpp, model.patch_size, 0.5, first_label=1)
+    order = run.plan({})
+    batches = list(run.batches(order, Timer()))
     x = np.concatenate([b for b, _ in batches])
     ks = [k for _, m in batches for k in m]
     assert sorted(ks) == [0, 1, 2]
@@ -389,7 +388,7 @@ def test_end_to_end_qupath_lines_and_clicks(tmp_path):
     assert len(prompts.clicks) == 3 and len(prompts.squiggles) == 3
     out = tmp_path / "out"
     res = segment(slide, points, out, options=SegmentOptions(progress=False, device="cpu", precision="fp32"),
-                  model=disk_model(radius=5, mpp=0.5), gland_model=dark_gland_model())
+                  models=Models(nuclei=disk_model(radius=5, mpp=0.5), gland=dark_gland_model()))
     assert set(res.outputs) == {"labels", "glands", "report", "qupath"}
     assert all(p.exists() for p in res.outputs.values())
     assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide.glands.zarr", "slide.labels.zarr",
@@ -429,8 +428,8 @@ def test_squiggles_only_and_task_gland(tmp_path):
     labels, rgb = gland_truth()
     slide = write_tiff_slide(tmp_path / "slide.tif", W, H, 0.5, rgb=rgb)
     points = qupath_file(tmp_path / "lines.geojson", [], SQUIGGLES[:2])
-    opts = SegmentOptions(progress=False, device="cpu", precision="fp32", task="gland")
-    res = segment(slide, points, tmp_path / "out", options=opts, model=dark_gland_model())
+    opts = SegmentOptions(progress=False, device="cpu", precision="fp32")
+    res = segment(slide, points, tmp_path / "out", options=opts, models=Models(gland=dark_gland_model(), gland_only=True))
     gla = np.asarray(open_labels(res.outputs["glands"])[:])
     assert set(np.unique(gla)) == {0, 1, 2}  # no clicks: squiggle k gets k + 1
     assert not np.asarray(open_labels(res.outputs["labels"])[:]).any()  # the nucleus array is empty
@@ -444,23 +443,22 @@ def test_squiggles_without_a_gland_model_say_how_to_train_one(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ModelError, match="gland model.*nuclick-wsi train .*--task gland"):
         segment(slide, points, out, options=SegmentOptions(progress=False, device="cpu"),
-                model=disk_model(mpp=0.5))
+                models=Models(nuclei=disk_model(mpp=0.5)))
     assert not out.exists() or not any(out.iterdir())
-    result = CliRunner().invoke(__import__("nuclick_wsi.cli", fromlist=["main"]).main,
+    result = CliRunner().invoke(__import__("nuclick_wsi.cli.main", fromlist=["main"]).main,
                                 ["segment", str(slide), "--points", str(points), "-o", str(out), "-q"])
     assert result.exit_code == 1 and "gland model" in result.output and "--task gland" in result.output
     assert not out.exists() or not any(out.iterdir())
     # --task gland without a gland model: the same advice; a nucleus model is not a gland model
     with pytest.raises(ModelError, match="train"):
-        segment(slide, points, out, options=SegmentOptions(progress=False, task="gland"))
+        segment(slide, points, out, options=SegmentOptions(progress=False), models=Models.from_flags(task="gland"))
     with pytest.raises(ModelError, match="not a gland model"):
-        segment(slide, points, out, options=SegmentOptions(progress=False), model=disk_model(mpp=0.5),
-                gland_model=disk_model(mpp=0.5))
+        segment(slide, points, out, options=SegmentOptions(progress=False), models=Models(nuclei=disk_model(mpp=0.5), gland=disk_model(mpp=0.5)))
     # --task gland on a file without squiggles
     clicks_only = qupath_file(tmp_path / "clicks.geojson", [(100.5, 100.5)], [])
     with pytest.raises(NuclickError, match="no squiggles"):
-        segment(slide, clicks_only, out, options=SegmentOptions(progress=False, task="gland"),
-                model=dark_gland_model())
+        segment(slide, clicks_only, out, options=SegmentOptions(progress=False),
+                models=Models(gland=dark_gland_model(), gland_only=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +522,7 @@ def user_squiggle(mask: np.ndarray) -> list[tuple[float, float]]:
 @pytest.mark.slow
 def test_cli_segment_task_gland_with_trained_model(trained_gland_model, tmp_path):
     """QuPath LineStrings on a slide, a gland model trained here: glands found, holes kept, ids and areas right."""
-    from nuclick_wsi.cli import main
+    from nuclick_wsi.cli.main import main
     ckpt, _ = trained_gland_model
     labels = random_glands(384, 3, seed=99, axes=(25, 45))
     rgb = paint(labels, texture=10, seed=5)
@@ -611,17 +609,17 @@ def test_rerun_without_squiggles_drops_the_old_gland_labels(tmp_path):
     out = tmp_path / "out"
     opts = SegmentOptions(progress=False, device="cpu", precision="fp32")
     both = qupath_file(tmp_path / "both.geojson", [(100.5, 100.5)], SQUIGGLES[:1])
-    segment(slide, both, out, options=opts, model=disk_model(mpp=0.5), gland_model=dark_gland_model())
+    segment(slide, both, out, options=opts, models=Models(nuclei=disk_model(mpp=0.5), gland=dark_gland_model()))
     assert (out / "slide.glands.zarr").is_dir()
     clicks = qupath_file(tmp_path / "clicks.geojson", [(100.5, 100.5)], [])
-    res = segment(slide, clicks, out, options=opts, model=disk_model(mpp=0.5))
+    res = segment(slide, clicks, out, options=opts, models=Models(nuclei=disk_model(mpp=0.5)))
     assert "glands" not in res.outputs and "squiggles" not in res.report
     assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide.labels.zarr", "slide.report.json"]
 
 
 def test_batch_rows_with_squiggles_use_the_gland_weights(trained_gland_model, tmp_path):
     """`batch --gland-weights`: a manifest row whose file holds lines gets its glands; without it the row fails."""
-    from nuclick_wsi.cli import main
+    from nuclick_wsi.cli.main import main
     ckpt, _ = trained_gland_model
     labels = random_glands(384, 2, seed=7, axes=(25, 45))
     slide = write_tiff_slide(tmp_path / "g.tif", 384, 384, 0.5, rgb=paint(labels, texture=10, seed=5))

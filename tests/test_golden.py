@@ -23,8 +23,8 @@ import torch
 from skimage import draw
 from torch import nn
 
-from nuclick_wsi.models.weights import LoadedModel
-from nuclick_wsi.pipeline import SegmentOptions, segment
+from nuclick_wsi.model.weights import LoadedModel
+from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -146,13 +146,12 @@ OPTS = dict(formats=("qupath", "asap", "geoparquet"), progress=False, device="cp
 
 def test_example_slide_outputs_are_unchanged(tmp_path):
     out = tmp_path / "out"
-    segment(EXAMPLE, EXAMPLE_CLICKS, out, options=SegmentOptions(**OPTS), model=nuclei_model(0.25))
+    segment(EXAMPLE, EXAMPLE_CLICKS, out, options=SegmentOptions(**OPTS), models=Models(nuclei=nuclei_model(0.25)))
     check("example-slide", digest(out, {str(out): "OUT", str(ROOT): "ROOT"}))
 
 
 def test_gland_image_outputs_are_unchanged(tmp_path):
     slide, points = gland_image(tmp_path)
     out = tmp_path / "out"
-    segment(slide, points, out, options=SegmentOptions(**{**OPTS, "gzip": True}), model=nuclei_model(0.5),
-            gland_model=gland_model())
+    segment(slide, points, out, options=SegmentOptions(**{**OPTS, "gzip": True}), models=Models(nuclei=nuclei_model(0.5), gland=gland_model()))
     check("gland-image", digest(out, {str(out): "OUT", str(tmp_path): "TMP"}))

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from nuclick_wsi.baselines import disk_baseline, watershed_baseline
-from nuclick_wsi.metrics import (
+from nuclick_wsi.evaluation.baselines import disk_baseline, watershed_baseline
+from nuclick_wsi.evaluation.metrics import (
     aji,
     contingency_table,
     dice,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from nuclick_wsi.models.nuclick import BN_EPS, TIATOOLBOX_NUCLICK_DEFAULTS, NuClickNet
+from nuclick_wsi.model.architectures.nuclick import BN_EPS, TIATOOLBOX_NUCLICK_DEFAULTS, NuClickNet
 
 KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_keys.json"
 

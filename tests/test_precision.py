@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from nuclick_wsi import precision as P
+from nuclick_wsi.model import precision as P
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.models.s2d_unet import S2DUNet
+from nuclick_wsi.model.architectures.s2d_unet import S2DUNet
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""QuPath projects (nuclick_wsi.qupath_project, `nuclick-wsi qupath run`), the Groovy scripts, --roi,
+"""QuPath projects (nuclick_wsi.workflows.qupath_project, `nuclick-wsi qupath run`), the Groovy scripts, --roi,
 and OpenSlide bounds as a QuPath user meets them."""
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from shapely.geometry import Point, box
 from click.testing import CliRunner
 from conftest import dark_model, disk_model, write_leica_scn, write_tiff_slide
 
-from nuclick_wsi import qupath_project as qp
-from nuclick_wsi.annotations import read_prompts, read_qupath_polygons, write_qupath
-from nuclick_wsi.cli import main
+from nuclick_wsi.workflows import qupath_project as qp
+from nuclick_wsi.io.annotations import read_prompts, read_qupath_polygons, write_qupath
+from nuclick_wsi.cli.main import main
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.pipeline import SegmentOptions, roi_reasons, segment
+from nuclick_wsi.guidance.clicks import roi_reasons
+from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 from nuclick_wsi.records import Click, Instance, Prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +215,7 @@ def test_bounds_rule_without_bounds():
 def test_project_runs_end_to_end_and_skips_on_rerun(two_images):
     proj, a, b = two_images
     lines = []
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False), log=lines.append)
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False), log=lines.append)
     assert [o.status for o in run.images] == ["segmented", "segmented"], [o.message for o in run.images]
     assert len(lines) == 2 and "2 of 2 clicks segmented" in lines[0]
     results = proj.parent / "nuclick" / "results"
@@ -230,22 +231,22 @@ def test_project_runs_end_to_end_and_skips_on_rerun(two_images):
     assert summary["counts"] == {"segmented": 2} and summary["images"][0]["name"] == a.name
 
     # rerun: complete results are skipped, the model is not even needed
-    run = qp.run_project(proj, model=None, weights="/nonexistent.pt")
+    run = qp.run_project(proj, models=Models(nuclei="/nonexistent.pt"))
     assert [o.status for o in run.images] == ["complete", "complete"]
     # clicks changed after the results: that image is redone; --force redoes everything
     clicks_b = proj.parent / "nuclick" / "clicks" / f"{b.name}.geojson"
     later = time.time() + 5
     os.utime(clicks_b, (later, later))
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False))
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
     assert [o.status for o in run.images] == ["complete", "segmented"]
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False), force=True)
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False), force=True)
     assert [o.status for o in run.images] == ["segmented", "segmented"]
 
 
 def test_one_failing_image_does_not_stop_the_others(two_images):
     proj, a, b = two_images
     (proj.parent / "nuclick" / "clicks" / f"{a.name}.geojson").write_text('{"type": "FeatureCollection", "features": [')
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False))
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
     (fa, fb) = run.images
     assert fa.status == "failed" and "broken JSON" in fa.message and a.name in fa.message
     assert fb.status == "segmented"
@@ -264,7 +265,7 @@ def test_missing_slide_no_clicks_and_duplicate_names(tmp_path):
     proj = write_project(tmp_path / "p", entries)
     for name in ("gone.tif", "a:b"):
         write_clicks(proj, name, [point_feature(10, 10)])
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False))
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
     gone, none, ab1, ab2 = run.images
     assert gone.status == "failed" and "slide not found" in gone.message
     assert none.status == "no clicks"
@@ -275,7 +276,7 @@ def test_project_mpp_is_used_when_the_file_has_none(tmp_path):
     s = write_tiff_slide(tmp_path / "nompp.tif", 256, 256, None)
     proj = write_project(tmp_path / "p", [entry(s, "nompp.tif", mpp=0.25, size=(256, 256))])
     write_clicks(proj, "nompp.tif", [point_feature(100, 100)])
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False))
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
     assert run.images[0].status == "segmented", run.images[0].message
     assert "um/px 0.25 from the QuPath project" in run.images[0].bounds
 
@@ -284,7 +285,7 @@ def test_size_mismatch_is_an_error(tmp_path):
     s = write_tiff_slide(tmp_path / "s.tif", 256, 256, 0.25)
     proj = write_project(tmp_path / "p", [entry(s, "s.tif", provider=BIOFORMATS, args=["--series", "2"], size=(640, 480))])
     write_clicks(proj, "s.tif", [point_feature(100, 100)])
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False))
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
     assert run.images[0].status == "failed"
     assert "640 x 480" in run.images[0].message and "--series 2" in run.images[0].message
 
@@ -292,8 +293,8 @@ def test_size_mismatch_is_an_error(tmp_path):
 def test_cli_qupath_run_exit_status(two_images, tmp_path):
     import torch  # noqa: F401
 
-    from nuclick_wsi.models.unet import LightUNet
-    from nuclick_wsi.models.weights import save_checkpoint
+    from nuclick_wsi.model.architectures.unet import LightUNet
+    from nuclick_wsi.model.weights import save_checkpoint
 
     proj, a, b = two_images
     ckpt = tmp_path / "tiny.pt"
@@ -338,7 +339,7 @@ def test_clicks_and_results_in_qupaths_frame(bounds_slide, tmp_path):
     clicks = tmp_path / "clicks.geojson"
     clicks.write_text(json.dumps({"type": "FeatureCollection", "features": [point_feature(*NUCLEUS)]}))
     opts = SegmentOptions(progress=False)
-    got = segment(bounds_slide, clicks, tmp_path / "qupath frame", model=dark_model(), options=opts)
+    got = segment(bounds_slide, clicks, tmp_path / "qupath frame", models=Models(nuclei=dark_model()), options=opts)
     (c,) = _centroids(got)
     assert c == pytest.approx(NUCLEUS, abs=0.05)  # the outline lands on the nucleus, in QuPath's frame
     assert got.report["totals"]["segmented"] == 1 and got.report["slide"]["bounds_offset"] == list(BOUNDS)
@@ -346,14 +347,12 @@ def test_clicks_and_results_in_qupaths_frame(bounds_slide, tmp_path):
     assert 180 < poly.area < 230  # the dark disk (pi 8^2 ~ 201 px), not a model-shaped blob
 
     # the same QuPath clicks read in OpenSlide's full frame miss the nucleus
-    full = segment(bounds_slide, clicks, tmp_path / "full frame", model=dark_model(),
-                   options=SegmentOptions(progress=False, bounds_offset=False))
+    full = segment(bounds_slide, clicks, tmp_path / "full frame", models=Models(nuclei=dark_model()), options=SegmentOptions(progress=False, bounds_offset=False))
     assert full.report["totals"]["segmented"] == 0
     # clicks made in the full frame (QuPath with --no-crop) find it, shifted by the bounds
     shifted = tmp_path / "shifted.geojson"
     shifted.write_text(json.dumps(point_feature(NUCLEUS[0] + BOUNDS[0], NUCLEUS[1] + BOUNDS[1])))
-    got = segment(bounds_slide, shifted, tmp_path / "full frame 2", model=dark_model(),
-                  options=SegmentOptions(progress=False, bounds_offset=False))
+    got = segment(bounds_slide, shifted, tmp_path / "full frame 2", models=Models(nuclei=dark_model()), options=SegmentOptions(progress=False, bounds_offset=False))
     (c,) = _centroids(got)
     assert c == pytest.approx((NUCLEUS[0] + BOUNDS[0], NUCLEUS[1] + BOUNDS[1]), abs=0.05)
 
@@ -362,7 +361,7 @@ def test_cli_no_bounds_offset_flag_reaches_the_reader(bounds_slide, tmp_path, mo
     from nuclick_wsi import pipeline
 
     real = pipeline.segment  # the CLI imports it at call time: run it with the dark-blob model
-    monkeypatch.setattr(pipeline, "segment", lambda *a, **k: real(*a, **{**k, "weights": None, "model": dark_model()}))
+    monkeypatch.setattr(pipeline, "segment", lambda *a, **k: real(*a, **{**k, "models": Models(nuclei=dark_model())}))
     clicks = tmp_path / "c.geojson"
     clicks.write_text(json.dumps(point_feature(NUCLEUS[0] + BOUNDS[0], NUCLEUS[1] + BOUNDS[1])))
     res = CliRunner().invoke(main, ["segment", str(bounds_slide), "-p", str(clicks), "-o", str(tmp_path / "o"),
@@ -382,13 +381,13 @@ def test_project_follows_how_qupath_opened_the_slide(bounds_slide, tmp_path, pro
                                                 size=size, mpp=0.5)])
     at = NUCLEUS if frame == "qupath" else (NUCLEUS[0] + BOUNDS[0], NUCLEUS[1] + BOUNDS[1])
     write_clicks(proj, bounds_slide.name, [point_feature(*at)])
-    run = qp.run_project(proj, model=dark_model(), options=SegmentOptions(progress=False))
+    run = qp.run_project(proj, models=Models(nuclei=dark_model()), options=SegmentOptions(progress=False))
     out = run.images[0]
     assert out.status == "segmented" and out.totals["segmented"] == 1, (out.message, out.bounds)
     (poly,) = read_qupath_polygons(out.outputs["qupath"])
     assert poly["geometry"].centroid.coords[0] == pytest.approx(at, abs=0.05)
     # forcing the other frame misses the nucleus
-    run = qp.run_project(proj, model=dark_model(), options=SegmentOptions(progress=False), force=True,
+    run = qp.run_project(proj, models=Models(nuclei=dark_model()), options=SegmentOptions(progress=False), force=True,
                          bounds_offset=frame != "qupath")
     assert run.images[0].totals["segmented"] == 0
 
@@ -404,18 +403,17 @@ def test_roi_limits_the_clicks(tiff_slide, tmp_path):
     clicks = tmp_path / "c.geojson"
     clicks.write_text(json.dumps({"type": "FeatureCollection",
                                   "features": [square, point_feature(50, 50), point_feature(200, 100), point_feature(300, 300)]}))
-    got = segment(slide, clicks, tmp_path / "o", model=disk_model(), options=SegmentOptions(progress=False, roi=True))
+    got = segment(slide, clicks, tmp_path / "o", models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False, roi=True))
     t = got.report["totals"]
     assert t["segmented"] == 2 and t["skipped_by_reason"] == {"outside the ROI": 1}  # the edge counts as inside
     assert got.report["clicks"][2]["reason"].startswith("outside the ROI")
     assert any("Polygon annotation is not a prompt" in s for s in got.report["points"]["not_prompts"])
     # without --roi every click is segmented; with --roi and no polygons, a clear error
-    assert segment(slide, clicks, tmp_path / "o2", model=disk_model(),
-                   options=SegmentOptions(progress=False)).report["totals"]["segmented"] == 3
+    assert segment(slide, clicks, tmp_path / "o2", models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False)).report["totals"]["segmented"] == 3
     bare = tmp_path / "bare.geojson"
     bare.write_text(json.dumps(point_feature(50, 50)))
     with pytest.raises(NuclickError, match="no area annotations"):
-        segment(slide, bare, tmp_path / "o3", model=disk_model(), options=SegmentOptions(progress=False, roi=True))
+        segment(slide, bare, tmp_path / "o3", models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False, roi=True))
     assert not (tmp_path / "o3").exists() or not list((tmp_path / "o3").iterdir())
 
 
@@ -507,7 +505,7 @@ def test_scripts_round_trip_under_groovy(tmp_path):
     assert "ERROR" in out[3]["printed"] and not (clicks / "x_y.geojson").exists()
     (clicks / "lines only.geojson").unlink()
 
-    run = qp.run_project(proj, model=disk_model(), options=SegmentOptions(progress=False))
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
     assert [o.status for o in run.images] == ["segmented", "segmented"], [o.message for o in run.images]
 
     job = {"script": str(SCRIPTS / "import_results.groovy"), "project": base, "image": a.name, "images": names,

@@ -9,12 +9,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from conftest import disk_model
-from nuclick_wsi.engine import background
-from nuclick_wsi.export import rasterize, trace_mask
+from nuclick_wsi.engine.background import background
+from nuclick_wsi.postprocess.trace import rasterize, trace_mask
 from nuclick_wsi.pipeline import SegmentOptions, predict_labels
 from nuclick_wsi.records import Click, Prompts
-from nuclick_wsi.slide import array_source
-from nuclick_wsi.stitch import Piece, Stitcher
+from nuclick_wsi.io.slides.base import array_source
+from nuclick_wsi.postprocess.stitch import Piece, Stitcher
 
 
 def _stitcher(width, height, chunk):

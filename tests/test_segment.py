@@ -25,13 +25,15 @@ from shapely.geometry import Point, shape
 from torch import nn
 
 from conftest import DiskNet, disk_model, write_tiff_slide
-from nuclick_wsi.atomic import TMP_MARK
+from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.errors import (AnnotationError, ModelError, NuclickError, OutputError, ResolutionError,
                                 SlideError)
-from nuclick_wsi.export import rasterize
-from nuclick_wsi.models.weights import LoadedModel, load_model, save_checkpoint
-from nuclick_wsi.pipeline import SegmentOptions, check_clicks, output_paths, segment
-from nuclick_wsi.store import is_complete, open_labels, read_instance_table
+from nuclick_wsi.postprocess.trace import rasterize
+from nuclick_wsi.model.weights import LoadedModel, load_model, save_checkpoint
+from nuclick_wsi.guidance.clicks import check_clicks
+from nuclick_wsi.outputs.paths import output_paths
+from nuclick_wsi.pipeline import Models, SegmentOptions, segment
+from nuclick_wsi.store.labels import is_complete, open_labels, read_instance_table
 
 FOUR = ndi.generate_binary_structure(2, 1)
 KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_keys.json"
@@ -45,7 +47,7 @@ KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_keys.json"
 def run(slide, points, out, model, **opts):
     """segment() on the CPU without a progress bar."""
     opts = {"progress": False, "device": "cpu", **opts}
-    return segment(slide, points, out, options=SegmentOptions(**opts), model=model)
+    return segment(slide, points, out, options=SegmentOptions(**opts), models=Models(nuclei=model))
 
 
 def write_csv(path: Path, clicks, header: str | None = None) -> Path:
@@ -400,7 +402,7 @@ def test_a_click_keeps_its_own_pixel(tmp_path):
 
 def test_check_clicks_reasons(tmp_path):
     from nuclick_wsi.records import Click, Prompts
-    from nuclick_wsi.slide import array_source
+    from nuclick_wsi.io.slides.base import array_source
 
     src = array_source(np.zeros((100, 200, 3), np.uint8), 0.25)
     pr = Prompts(clicks=[Click(10, 10), Click(11.5, 10), Click(13, 10), Click(-0.01, 5), Click(200, 5),
@@ -572,7 +574,7 @@ def test_unknown_resolution_then_mpp(tmp_path):
 
 
 def test_weights_of_another_width(small, tmp_path):
-    from nuclick_wsi.models.unet import LightUNet
+    from nuclick_wsi.model.architectures.unet import LightUNet
 
     slide, pts, out = small
     path = tmp_path / "narrow.pt"
@@ -580,7 +582,7 @@ def test_weights_of_another_width(small, tmp_path):
     save_checkpoint(path, LightUNet((8, 16, 32, 64)), "light-unet", {"widths": [16, 32, 64, 128]},
                     {"mpp": 0.25, "task": "nuclei"})
     with pytest.raises(ModelError, match=r"narrow\.pt.*do not fit") as exc:
-        segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), weights=str(path))
+        segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), models=Models(nuclei=str(path)))
     assert "\n" not in str(exc.value)
     assert_nothing_written(out)
 
@@ -590,15 +592,15 @@ def test_weights_that_are_not_a_checkpoint(small, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(ModelError, match=r"junk\.pt") as exc:
-        segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), weights=str(junk))
+        segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), models=Models(nuclei=str(junk)))
     assert "\n" not in str(exc.value)
     other = tmp_path / "dict.pt"
     torch.save({"conv.weight": torch.zeros(3, 3)}, other)
     with pytest.raises(ModelError, match=r"dict\.pt.*neither"):
-        segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), weights=str(other))
+        segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), models=Models(nuclei=str(other)))
     with pytest.raises(ModelError, match=r"missing\.pt"):
         segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"),
-                weights=str(tmp_path / "missing.pt"))
+                models=Models(nuclei=str(tmp_path / "missing.pt")))
     assert_nothing_written(out)
 
 
@@ -635,7 +637,7 @@ def test_failure_while_writing_leaves_nothing(small, monkeypatch, rerun):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nuclick_wsi.pipeline.write_qupath", boom)
+    monkeypatch.setattr("nuclick_wsi.outputs.commit.write_qupath", boom)
     with pytest.raises(OSError, match="No space"):
         run(slide, pts, out, disk_model(5.5))
     assert not [n for n in files_in(out) if n.startswith(TMP_MARK)]
@@ -826,8 +828,7 @@ def test_annotation_object_type_and_stem(tmp_path):
     run(slide, pts, out, disk_model(5.5), object_type="annotation")
     assert files_in(out) == ["my.slide.geojson", "my.slide.labels.zarr", "my.slide.report.json"]
     assert features(out / "my.slide.geojson")[0]["properties"]["objectType"] == "annotation"
-    segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), model=disk_model(5.5),
-            stem="custom")
+    segment(slide, pts, out, options=SegmentOptions(progress=False, device="cpu"), models=Models(nuclei=disk_model(5.5)), stem="custom")
     assert "custom.geojson" in files_in(out)
 
 
@@ -837,7 +838,7 @@ def test_annotation_object_type_and_stem(tmp_path):
 
 
 def test_embedded_model_on_the_nuclick_demo(shared_data, tmp_path):
-    from nuclick_wsi.models.weights import default_weights_path
+    from nuclick_wsi.model.weights import default_weights_path
 
     if not default_weights_path().exists():
         pytest.skip("the embedded default model nuclick_wsi/models/default-nuclei.pt is not there yet")

@@ -1,4 +1,4 @@
-"""Tests of nuclick_wsi.slide: readers, um/px, bounds, pixel placement, errors."""
+"""Tests of nuclick_wsi.io.slides.base: readers, um/px, bounds, pixel placement, errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nuclick_wsi import slide as slide_mod
+from nuclick_wsi.io.slides import base as slide_mod
 from nuclick_wsi.errors import ResolutionError, SlideError
-from nuclick_wsi.slide import (
+from nuclick_wsi.io.slides.base import (
     ReaderSpec,
     SlideSource,
     array_source,

@@ -1,4 +1,4 @@
-"""Tests of nuclick_wsi.store: the OME-NGFF 0.4 zarr label store and its instance table."""
+"""Tests of nuclick_wsi.store.labels: the OME-NGFF 0.4 zarr label store and its instance table."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from nuclick_wsi.atomic import atomic_output
+from nuclick_wsi._util.fs import atomic_output
 from nuclick_wsi.errors import OutputError
-from nuclick_wsi.store import (
+from nuclick_wsi.store.labels import (
     INSTANCE_COLUMNS,
     LabelStore,
     is_complete,

@@ -1,4 +1,4 @@
-"""TIAToolbox as an optional backend (:mod:`nuclick_wsi.tia`): its readers and its pretrained weights.
+"""TIAToolbox as an optional backend (:mod:`nuclick_wsi.io.slides.tiatoolbox`): its readers and its pretrained weights.
 
 Tests that need TIAToolbox start with ``pytest.importorskip("tiatoolbox")``: they are skipped in the
 core environment and run in CI's separate ``.venv-tia`` (``pip install -e ".[tiatoolbox,test]"``).
@@ -18,14 +18,15 @@ import pytest
 import torch
 
 from conftest import disk_model, write_tiff_slide
-from nuclick_wsi import slide as slide_mod
-from nuclick_wsi import tia
+from nuclick_wsi.io.slides import base as slide_mod
+from nuclick_wsi.io.slides import tiatoolbox as tia
+from nuclick_wsi.model import tiatoolbox_weights
 from nuclick_wsi.errors import ModelError, NuclickError, SlideError
-from nuclick_wsi.models.tia_unet import TiaLightUNet
-from nuclick_wsi.models.weights import load_model
-from nuclick_wsi.pipeline import SegmentOptions, segment
-from nuclick_wsi.slide import open_slide
-from nuclick_wsi.store import open_labels
+from nuclick_wsi.model.architectures.tia_unet import TiaLightUNet
+from nuclick_wsi.model.weights import load_model
+from nuclick_wsi.pipeline import Models, SegmentOptions, segment
+from nuclick_wsi.io.slides.base import open_slide
+from nuclick_wsi.store.labels import open_labels
 
 LIGHT_KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_light_keys.json"
 EXTRA = 'pip install "nuclick-wsi[tiatoolbox]"'
@@ -35,6 +36,7 @@ EXTRA = 'pip install "nuclick-wsi[tiatoolbox]"'
 def without_tiatoolbox(monkeypatch):
     """Make TIAToolbox look absent (as in an environment without the extra)."""
     monkeypatch.setattr(tia, "tiatoolbox_installed", lambda: False)
+    monkeypatch.setattr(tiatoolbox_weights, "tiatoolbox_installed", lambda: False)
     monkeypatch.setattr(tia, "_IMPORT_ERROR", [])
     monkeypatch.setattr(slide_mod, "AUTO_ORDER", [n for n in slide_mod.AUTO_ORDER if n != "tiatoolbox"])
 
@@ -69,9 +71,9 @@ def _randomize(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 def test_core_never_imports_tiatoolbox(tmp_path):
     p = write_tiff_slide(tmp_path / "s.tif", 512, 384, 0.25)
-    code = ("import sys; import nuclick_wsi.cli, nuclick_wsi.pipeline, nuclick_wsi.models.weights; "
-            "from nuclick_wsi.slide import open_slide; s = open_slide(sys.argv[1]); s.read_region(0, 0, 64, 64, 32, 32); "
-            "assert 'tiatoolbox' not in sys.modules and 'nuclick_wsi.tia' not in sys.modules, 'imported'")
+    code = ("import sys; import nuclick_wsi.cli.main, nuclick_wsi.pipeline, nuclick_wsi.model.weights; "
+            "from nuclick_wsi.io.slides.base import open_slide; s = open_slide(sys.argv[1]); s.read_region(0, 0, 64, 64, 32, 32); "
+            "assert 'tiatoolbox' not in sys.modules and 'nuclick_wsi.io.slides.tiatoolbox' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code, str(p)], check=True, timeout=120)
 
 
@@ -108,7 +110,7 @@ def test_segment_with_tiatoolbox_reader_without_extra(without_tiatoolbox, tmp_pa
     out = tmp_path / "out"
     with pytest.raises(NuclickError, match=r"nuclick-wsi\[tiatoolbox\]"):
         segment(p, pts, out, options=SegmentOptions(reader="tiatoolbox", progress=False, device="cpu"),
-                model=disk_model())
+                models=Models(nuclei=disk_model()))
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -237,7 +239,7 @@ def test_auto_falls_back_to_tiatoolbox_and_segments(tmp_path):
     assert np.array_equal(s.read_region(0, 0, 500, 400, 250, 200),
                           open_slide_array(rgb, 0.5).read_region(0, 0, 500, 400, 250, 200))
     res = segment(z, _write_clicks(tmp_path / "c.csv", [(100, 100), (300, 200)]), tmp_path / "out",
-                  options=SegmentOptions(progress=False, device="cpu"), model=disk_model())
+                  options=SegmentOptions(progress=False, device="cpu"), models=Models(nuclei=disk_model()))
     assert res.report["slide"]["reader"] == "tiatoolbox"
     assert res.report["totals"]["segmented"] == 2
     plain = tmp_path / "plain"  # any other folder is still not a slide
@@ -259,7 +261,7 @@ def test_segment_with_tiatoolbox_reader_matches_ours(tmp_path):
     labels = {}
     for reader in ("tiatoolbox", "tifffile"):
         res = segment(p, pts, tmp_path / reader, options=SegmentOptions(reader=reader, progress=False, device="cpu"),
-                      model=disk_model())
+                      models=Models(nuclei=disk_model()))
         assert res.report["slide"]["reader"] == reader
         labels[reader] = open_labels(res.outputs["labels"])[:]
     assert labels["tiatoolbox"].max() == 4 and np.array_equal(labels["tiatoolbox"], labels["tifffile"])
@@ -269,9 +271,9 @@ def test_cli_segment_reader_tiatoolbox(tmp_path, monkeypatch):
     pytest.importorskip("tiatoolbox")
     from click.testing import CliRunner
 
-    import nuclick_wsi.models.weights as weights
+    import nuclick_wsi.model.weights as weights
     from conftest import DiskNet
-    from nuclick_wsi import cli
+    from nuclick_wsi import cli  # noqa: F401 - cli.main is the command group
 
     real = weights.build_network
     monkeypatch.setattr(weights, "build_network",
@@ -294,7 +296,7 @@ def test_tiatoolbox_nuclick_equals_ours_on_the_same_state_dict():
     pytest.importorskip("tiatoolbox")
     from tiatoolbox.models.architecture.nuclick import NuClick
 
-    from nuclick_wsi.models.nuclick import NuClickNet
+    from nuclick_wsi.model.architectures.nuclick import NuClickNet
 
     theirs = NuClick(num_input_channels=5, num_output_channels=1)
     sd = _randomize(theirs, 5)
@@ -346,7 +348,7 @@ def test_weights_through_tiatoolbox_cache(tmp_path, monkeypatch):
     with pytest.raises(ModelError) as err:
         load_model("tiatoolbox:nuclick_original-pannuke")
     msg = str(err.value)
-    cached, url = tia._cache_file("nuclick_original-pannuke")
+    cached, url = tiatoolbox_weights.cache_file("nuclick_original-pannuke")
     assert cached.parent == tmp_path / "home" / "models" and url.startswith("https://")
     assert (f"tiatoolbox:nuclick_original-pannuke: weights not in the TIAToolbox cache ({cached}) and could not "
             f"be downloaded") in msg
@@ -356,7 +358,7 @@ def test_weights_through_tiatoolbox_cache(tmp_path, monkeypatch):
     # a download (simulated: TIAToolbox's fetch writes the file into its cache) then loads
     net = TiaLightUNet()
     _randomize(net, 7)
-    light_cached, _ = tia._cache_file("nuclick_light-pannuke")
+    light_cached, _ = tiatoolbox_weights.cache_file("nuclick_light-pannuke")
 
     def download(name, *args, **kwargs):
         light_cached.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.models.weights import load_model
-from nuclick_wsi.training.datasets import compact_components, find_pairs, load_tile, rasterize_polygons
+from nuclick_wsi.model.weights import load_model
+from nuclick_wsi.io.datasets import compact_components, find_pairs, load_tile, rasterize_polygons
 from nuclick_wsi.training.loss import nuclick_loss, nuclick_weights, soft_dice_loss
 from nuclick_wsi.training.sampling import PatchSampler, make_batch, sample_click
 from nuclick_wsi.training.train import TrainConfig, train
@@ -78,7 +78,7 @@ def test_label_image_and_geojson_readers(tmp_path):
     tile = load_tile(tmp_path / "a.png", tmp_path / "a_labels.png")
     assert np.array_equal(tile.labels, labels) and list(tile.targets) == [1, 2, 3, 4]
     # QuPath GeoJSON polygons outlining the same objects give the same pixels
-    from nuclick_wsi.export import trace_mask
+    from nuclick_wsi.postprocess.trace import trace_mask
     from shapely.geometry import mapping
 
     feats = [{"type": "Feature", "geometry": mapping(trace_mask(labels == i)), "properties": {"objectType": "annotation"}}
@@ -146,7 +146,7 @@ def test_sample_click_inside_and_away_from_edge():
 
 def test_batches_put_the_click_inside_the_target(tmp_path):
     img, labels = blob_image(256)
-    from nuclick_wsi.training.datasets import Tile
+    from nuclick_wsi.io.datasets import Tile
 
     sampler = PatchSampler([Tile("t", img, labels, np.unique(labels)[1:])], seed=0)
     for augment in (False, True):
@@ -217,7 +217,7 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
 
 def test_validation_picks_the_best_threshold(monkeypatch):
     """validate scores masks as segment makes them at several cuts and reports the best one."""
-    from nuclick_wsi.training.datasets import Tile
+    from nuclick_wsi.io.datasets import Tile
     from nuclick_wsi.training.train import validate
 
     img, labels = blob_image(256)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..evaluate import evaluate, load_eval_tiles
-from ..models.weights import default_weights_path, load_model, save_checkpoint
-from ..pipeline import SegmentOptions
+from nuclick_wsi import __version__
+from nuclick_wsi.evaluation.protocol import evaluate, load_eval_tiles
+from nuclick_wsi.model.weights import default_weights_path, load_model, save_checkpoint
+from nuclick_wsi.pipeline import SegmentOptions
 
 
 def _card(meta: dict, size_mb: float) -> str:

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..engine import resolve_device
-from ..errors import NuclickError
-from ..models.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
-from .datasets import Tile, find_pairs, load_tile
-from .loss import LOSSES, nuclick_loss
-from .sampling import PatchSampler, make_batch
+from nuclick_wsi import __version__
+from nuclick_wsi.model.predictor import resolve_device
+from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.model.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
+from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
+from nuclick_wsi.training.loss import LOSSES, nuclick_loss
+from nuclick_wsi.training.sampling import PatchSampler, make_batch
 
 
 @dataclass
@@ -89,7 +89,7 @@ def validate(net, sampler: PatchSampler, device, batch_size: int,
     reached. The weighted BCE biases the sigmoid upwards at nucleus boundaries, so 0.5 is rarely
     the best cut and judging checkpoints at 0.5 alone picks the wrong ones.
     """
-    from ..postprocess import PostParams, instance_from_probability
+    from nuclick_wsi.postprocess.threshold import PostParams, instance_from_probability
 
     net.eval()
     losses = []
@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
         val_tiles = [(outlined or train_tiles)[-1]]
         train_tiles = [t for t in train_tiles if t is not val_tiles[0]]
     if cfg.task == "gland":  # squiggles, 512 x 512 patches: training/squiggles.py
-        from .squiggles import GlandSampler, make_gland_batch as batch_fn, validate_glands as val_fn
+        from nuclick_wsi.training.squiggles import GlandSampler, make_gland_batch as batch_fn, validate_glands as val_fn
         sampler = GlandSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
         val_sampler = GlandSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
     else:
@@ -147,7 +147,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
         val_sampler = PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
     arch_args = {"widths": list(cfg.widths)} if cfg.arch in ("light-unet", "s2d-unet") else {}
     net = build_network(cfg.arch, arch_args).to(device).to(memory_format=torch.channels_last)
-    from ..precision import choose_precision
+    from nuclick_wsi.model.precision import choose_precision
 
     choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(cfg.arch, arch_args))
     dtype = choice.dtype
