@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from nuclick_wsi.io.annotations import read_prompts
     from nuclick_wsi.errors import NuclickError
     from nuclick_wsi.model.weights import load_model
-    from nuclick_wsi.io.slides.base import open_slide
+    from nuclick_wsi.io.slides.registry import open_slide
     from nuclick_wsi.store.labels import open_labels
 
     if args.threads:

@@ -30,7 +30,9 @@ from nuclick_wsi.errors import ModelError, NuclickError
 from nuclick_wsi.guidance.clicks import check_clicks, roi_reasons
 from nuclick_wsi.guidance.squiggles import check_squiggles
 from nuclick_wsi.io.annotations import read_prompts
-from nuclick_wsi.io.slides.base import SlideSource, open_slide, require_mpp
+from nuclick_wsi.io.slides.base import SlideSource
+from nuclick_wsi.io.slides.registry import open_slide
+from nuclick_wsi.io.slides.resolution import require_mpp
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.model.predictor import Predictor
 from nuclick_wsi.model.weights import LoadedModel

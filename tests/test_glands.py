@@ -30,7 +30,7 @@ from nuclick_wsi.model.weights import POSTPROCESS_DEFAULTS, LoadedModel
 from nuclick_wsi.pipeline import Models, SegmentOptions, predict_gland_labels, segment
 from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.records import Prompts, Squiggle
-from nuclick_wsi.io.slides.base import array_source
+from nuclick_wsi.io.slides.memory import array_source
 from nuclick_wsi.store.labels import open_labels, read_instance_table
 from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
 from nuclick_wsi.training.squiggles import (GlandSampler, gland_distance, make_gland_batch, sample_squiggle,

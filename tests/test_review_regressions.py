@@ -13,7 +13,7 @@ from nuclick_wsi.engine.background import background
 from nuclick_wsi.postprocess.trace import rasterize, trace_mask
 from nuclick_wsi.pipeline import SegmentOptions, predict_labels
 from nuclick_wsi.records import Click, Prompts
-from nuclick_wsi.io.slides.base import array_source
+from nuclick_wsi.io.slides.memory import array_source
 from nuclick_wsi.postprocess.stitch import Piece, Stitcher
 
 

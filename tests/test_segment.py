@@ -402,7 +402,7 @@ def test_a_click_keeps_its_own_pixel(tmp_path):
 
 def test_check_clicks_reasons(tmp_path):
     from nuclick_wsi.records import Click, Prompts
-    from nuclick_wsi.io.slides.base import array_source
+    from nuclick_wsi.io.slides.memory import array_source
 
     src = array_source(np.zeros((100, 200, 3), np.uint8), 0.25)
     pr = Prompts(clicks=[Click(10, 10), Click(11.5, 10), Click(13, 10), Click(-0.01, 5), Click(200, 5),

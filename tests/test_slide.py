@@ -8,16 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nuclick_wsi.io.slides import base as slide_mod
+from nuclick_wsi.io.slides import registry as slide_registry
+from nuclick_wsi.io.slides.memory import ArraySource
 from nuclick_wsi.errors import ResolutionError, SlideError
-from nuclick_wsi.io.slides.base import (
-    ReaderSpec,
-    SlideSource,
-    array_source,
-    open_slide,
-    register_reader,
-    require_mpp,
-)
+from nuclick_wsi.io.slides.base import SlideSource
+from nuclick_wsi.io.slides.memory import array_source
+from nuclick_wsi.io.slides.registry import ReaderSpec, open_slide, register_reader
+from nuclick_wsi.io.slides.resolution import require_mpp
 
 openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
@@ -230,7 +227,7 @@ def test_unknown_and_unavailable_readers(tmp_path, pyramid_tiff, monkeypatch):
     with pytest.raises(SlideError, match="unknown reader 'bioformats'.*openslide"):
         open_slide(pyramid_tiff, reader="bioformats")
     spec = ReaderSpec("fake", lambda p, b: None, available=lambda: "fakelib is not installed")
-    monkeypatch.setitem(slide_mod.READERS, "fake", spec)
+    monkeypatch.setitem(slide_registry.REGISTRY.readers, "fake", spec)
     with pytest.raises(SlideError, match="fake: fakelib is not installed"):
         open_slide(pyramid_tiff, reader="fake")
     truncated = tmp_path / "truncated.tif"
@@ -240,18 +237,19 @@ def test_unknown_and_unavailable_readers(tmp_path, pyramid_tiff, monkeypatch):
 
 
 def test_register_reader_extends_dispatch(monkeypatch, tmp_path):
-    monkeypatch.setattr(slide_mod, "READERS", dict(slide_mod.READERS))
-    monkeypatch.setattr(slide_mod, "AUTO_ORDER", list(slide_mod.AUTO_ORDER))
+    reg = slide_registry.REGISTRY
+    monkeypatch.setattr(reg, "readers", dict(reg.readers))
+    monkeypatch.setattr(reg, "auto_order", list(reg.auto_order))
     calls = []
 
     def opener(path, bounds_offset):
         calls.append((path, bounds_offset))
-        src = slide_mod.ArraySource(np.zeros((4, 5, 3), np.uint8), path)
+        src = ArraySource(np.zeros((4, 5, 3), np.uint8), path)
         src.reader = "toy"
         return src
 
     register_reader(ReaderSpec("toy", opener), before="openslide")
-    assert slide_mod.AUTO_ORDER[0] == "toy"
+    assert reg.auto_order[0] == "toy"
     target = tmp_path / "x.toy"
     target.write_bytes(b"toy")
     src = open_slide(target, bounds_offset=False)

@@ -18,14 +18,15 @@ import pytest
 import torch
 
 from conftest import disk_model, write_tiff_slide
-from nuclick_wsi.io.slides import base as slide_mod
+from nuclick_wsi.io.slides import registry as slide_registry
+from nuclick_wsi.io.slides.memory import array_source as make_array_source
 from nuclick_wsi.io.slides import tiatoolbox as tia
 from nuclick_wsi.model import tiatoolbox_weights
 from nuclick_wsi.errors import ModelError, NuclickError, SlideError
 from nuclick_wsi.model.architectures.tia_unet import TiaLightUNet
 from nuclick_wsi.model.weights import load_model
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
-from nuclick_wsi.io.slides.base import open_slide
+from nuclick_wsi.io.slides.registry import open_slide
 from nuclick_wsi.store.labels import open_labels
 
 LIGHT_KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_light_keys.json"
@@ -38,7 +39,7 @@ def without_tiatoolbox(monkeypatch):
     monkeypatch.setattr(tia, "tiatoolbox_installed", lambda: False)
     monkeypatch.setattr(tiatoolbox_weights, "tiatoolbox_installed", lambda: False)
     monkeypatch.setattr(tia, "_IMPORT_ERROR", [])
-    monkeypatch.setattr(slide_mod, "AUTO_ORDER", [n for n in slide_mod.AUTO_ORDER if n != "tiatoolbox"])
+    monkeypatch.setattr(slide_registry.REGISTRY, "auto_order", [n for n in slide_registry.AUTO_ORDER if n != "tiatoolbox"])
 
 
 def _write_clicks(path: Path, clicks) -> Path:
@@ -72,7 +73,7 @@ def _randomize(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 def test_core_never_imports_tiatoolbox(tmp_path):
     p = write_tiff_slide(tmp_path / "s.tif", 512, 384, 0.25)
     code = ("import sys; import nuclick_wsi.cli.main, nuclick_wsi.pipeline, nuclick_wsi.model.weights; "
-            "from nuclick_wsi.io.slides.base import open_slide; s = open_slide(sys.argv[1]); s.read_region(0, 0, 64, 64, 32, 32); "
+            "from nuclick_wsi.io.slides.registry import open_slide; s = open_slide(sys.argv[1]); s.read_region(0, 0, 64, 64, 32, 32); "
             "assert 'tiatoolbox' not in sys.modules and 'nuclick_wsi.io.slides.tiatoolbox' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code, str(p)], check=True, timeout=120)
 
@@ -249,7 +250,7 @@ def test_auto_falls_back_to_tiatoolbox_and_segments(tmp_path):
 
 
 def open_slide_array(rgb, mpp):
-    return slide_mod.array_source(rgb, mpp)
+    return make_array_source(rgb, mpp)
 
 
 def test_segment_with_tiatoolbox_reader_matches_ours(tmp_path):

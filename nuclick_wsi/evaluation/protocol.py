@@ -21,7 +21,7 @@ from nuclick_wsi.evaluation.metrics import score_all
 from nuclick_wsi.model.weights import LoadedModel
 from nuclick_wsi.pipeline import SegmentOptions, predict_labels
 from nuclick_wsi.records import Click, Prompts
-from nuclick_wsi.io.slides.base import array_source
+from nuclick_wsi.io.slides.memory import array_source
 from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
 
 METRICS = ("aji", "dice", "dq", "sq", "pq", "hausdorff")

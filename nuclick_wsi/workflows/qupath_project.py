@@ -56,7 +56,7 @@ from nuclick_wsi.errors import ModelError, NuclickError
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.pipeline import SegmentOptions, segment
-from nuclick_wsi.io.slides.base import open_slide
+from nuclick_wsi.io.slides.registry import open_slide
 
 #: folders of a QuPath project (relative to the folder holding project.qpproj)
 CLICKS_DIR = ("nuclick", "clicks")
@@ -138,7 +138,7 @@ class QuPathProject:
         return None
 
 
-def _pure_path(uri: str) -> PurePath:
+def pure_path(uri: str) -> PurePath:
     """The file path of a ``file:`` URI, in the flavour of the system that wrote it."""
     parts = urlsplit(uri)
     if parts.scheme.lower() != "file":
@@ -172,13 +172,13 @@ def resolve_uri(uri: str, project_file: Path, project_uri: str | None = None) ->
     ValueError
         For a URI that is not a local file (OMERO, http...).
     """
-    pure = _pure_path(uri)
+    pure = pure_path(uri)
     here = _local(pure)
     if here is not None and here.exists():
         return here
     if project_uri:
         try:
-            old_base = _pure_path(project_uri).parent
+            old_base = pure_path(project_uri).parent
             rel = pure.relative_to(old_base) if type(pure) is type(old_base) else None
         except ValueError:
             rel = None

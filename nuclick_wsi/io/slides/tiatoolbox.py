@@ -26,7 +26,6 @@ Weights
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import threading
 from pathlib import Path
@@ -38,19 +37,12 @@ import numpy as np
 from nuclick_wsi._util.optional import EXTRA_HINT, tiatoolbox_installed
 from nuclick_wsi._util.text import read_head, reason
 from nuclick_wsi.errors import SlideError
-from nuclick_wsi.io.slides.base import (
-    Level,
-    OpenSlideSource,
-    PillowSource,
-    PyramidSource,
-    _FileMpp,
-    _openslide_frame,
-    _rgb_from_samples,
-    _settle_mpp,
-    _tiff_file_mpp,
-    _tiff_levels,
-    _tiff_magic,
-)
+from nuclick_wsi.io.slides.base import FileMpp, Level, PyramidSource
+from nuclick_wsi.io.slides.memory import PillowSource
+from nuclick_wsi.io.slides.openslide import OpenSlideSource, openslide_frame
+from nuclick_wsi.io.slides.pixels import rgb_from_samples
+from nuclick_wsi.io.slides.resolution import settle_mpp
+from nuclick_wsi.io.slides.tiff import tiff_file_mpp, tiff_levels, tiff_magic
 
 __all__ = [
     "TiaSource",
@@ -134,7 +126,7 @@ class TiaSource(PyramidSource):
         levels = [Level(w, h, ds, ds) for (w, h), ds in zip(dims, downs)]
         frame, note = None, None
         if self._openslide is not None:
-            frame, note = _openslide_frame(dict(self._openslide.properties), levels[0], bounds_offset)
+            frame, note = openslide_frame(dict(self._openslide.properties), levels[0], bounds_offset)
         super().__init__(Path(name), levels, frame)
         self.notes.extend(notes)
         if note:
@@ -162,7 +154,7 @@ class TiaSource(PyramidSource):
             rgb = self._wsi.read_rect((x0, y0), (int(width), int(height)), resolution=level,
                                       units="level", pad_mode="constant",
                                       pad_constant_values=255)
-        rgb = _rgb_from_samples(np.asarray(rgb))
+        rgb = rgb_from_samples(np.asarray(rgb))
         if rgb.shape[:2] != (height, width):
             raise SlideError(f"TIAToolbox {self._kind} returned {rgb.shape[1]}x{rgb.shape[0]} pixels "
                              f"for a {width}x{height} window")
@@ -170,7 +162,7 @@ class TiaSource(PyramidSource):
             return rgb, x0 / ds, y0 / ds
         return rgb, float(round(x0 / ds)), float(round(y0 / ds))
 
-    def _file_mpp(self) -> _FileMpp:
+    def _file_mpp(self) -> FileMpp:
         """um/px: our rule on the file first, then TIAToolbox's ``info.mpp``."""
         ours = self._our_file_mpp()
         if ours.x is not None or ours.y is not None:
@@ -181,34 +173,34 @@ class TiaSource(PyramidSource):
             if len(values) == 1:
                 values *= 2
             if all(math.isfinite(v) and v > 0 for v in values):
-                return _FileMpp(values[0], values[1], f"file: TIAToolbox {self._kind} info.mpp")
+                return FileMpp(values[0], values[1], f"file: TIAToolbox {self._kind} info.mpp")
         return ours
 
-    def _our_file_mpp(self) -> _FileMpp:
+    def _our_file_mpp(self) -> FileMpp:
         """um/px as our own readers find it (OpenSlide properties, TIFF tags, PNG/JPEG dpi)."""
         if self._openslide is not None:  # the OpenSlide reader's rule on the same properties
             return OpenSlideSource._file_mpp(SimpleNamespace(_props=dict(self._openslide.properties)))
         path = self.path
         if not path.is_file():
-            return _FileMpp(source=f"unknown (no um/px in this {self._kind} input)")
+            return FileMpp(source=f"unknown (no um/px in this {self._kind} input)")
         head = read_head(path)
         try:
-            if _tiff_magic(head):
+            if tiff_magic(head):
                 import tifffile
 
                 with tifffile.TiffFile(str(path)) as tif:
                     try:
-                        page = _tiff_levels(tif)[0].page
+                        page = tiff_levels(tif)[0].page
                     except Exception:  # noqa: BLE001 - odd layouts: the first page holds the tags
                         page = tif.pages[0]
-                    return _tiff_file_mpp(tif, page)
+                    return tiff_file_mpp(tif, page)
             from PIL import Image
 
             with Image.open(path) as image:  # reads the header only
                 return PillowSource._file_mpp(SimpleNamespace(_info=dict(image.info),
                                                               _format=image.format or "image"))
         except Exception:  # noqa: BLE001 - not a TIFF or an image Pillow knows (JP2 ...): ask TIAToolbox
-            return _FileMpp(source=f"unknown (no um/px in this {self._kind} file)")
+            return FileMpp(source=f"unknown (no um/px in this {self._kind} file)")
 
     def _close(self) -> None:
         closer = getattr(self._openslide, "close", None)
@@ -218,7 +210,7 @@ class TiaSource(PyramidSource):
 
 
 def open_tia(path: Path, bounds_offset: bool) -> TiaSource:
-    """The ``open`` of the ``"tiatoolbox"`` reader spec (see :func:`nuclick_wsi.io.slides.base.register_reader`)."""
+    """The ``open`` of the ``"tiatoolbox"`` reader spec (see :func:`nuclick_wsi.io.slides.registry.ReaderRegistry`)."""
     return TiaSource(path, bounds_offset)
 
 
@@ -233,7 +225,7 @@ def tiatoolbox_source(image: Any, mpp: float | None = None) -> TiaSource:
         um/px at level 0; overrides the reader's.
     """
     source = TiaSource(image)
-    _settle_mpp(source, mpp)
+    settle_mpp(source, mpp)
     return source
 
 

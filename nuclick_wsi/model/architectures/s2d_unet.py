@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nuclick_wsi.model.architectures.unet import MultiScaleBlock, ResBlock, _conv_bn_relu
+from nuclick_wsi.model.architectures.unet import MultiScaleBlock, ResBlock, conv_bn_relu
 
 
 class S2DUNet(nn.Module):
@@ -53,8 +53,8 @@ class S2DUNet(nn.Module):
             cin = w
         # back to full resolution: 4*fine channels at half resolution -> fine channels at full
         self.unfold = nn.Conv2d(cin, 4 * fine, 1)
-        self.fine = _conv_bn_relu(in_channels, fine)
-        self.head = nn.Sequential(_conv_bn_relu(2 * fine, fine), nn.Conv2d(fine, 1, 1))
+        self.fine = conv_bn_relu(in_channels, fine)
+        self.head = nn.Sequential(conv_bn_relu(2 * fine, fine), nn.Conv2d(fine, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = self.fine(x)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),
@@ -27,7 +27,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(_conv_bn_relu(cin, cout), _conv_bn_relu(cout, cout))
+        self.body = nn.Sequential(conv_bn_relu(cin, cout), conv_bn_relu(cout, cout))
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class MultiScaleBlock(nn.Module):
     def __init__(self, cin: int, cout: int, dilations: Sequence[int] = (1, 2, 3, 6)) -> None:
         super().__init__()
         branch = max(cout // len(dilations), 8)
-        self.branches = nn.ModuleList(_conv_bn_relu(cin, branch, d) for d in dilations)
+        self.branches = nn.ModuleList(conv_bn_relu(cin, branch, d) for d in dilations)
         self.fuse = nn.Sequential(
             nn.Conv2d(branch * len(dilations), cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
         )

@@ -328,7 +328,7 @@ def select_rows(manifest: Manifest, *, only: Sequence[str] = (), task_index: int
 def _frame(image, path: Path) -> tuple[bool | None, float | None, str]:
     """The frame QuPath used for ``image`` (its bounds rule) and the project's um/px when the file has none."""
     from nuclick_wsi.workflows.qupath_project import bounds_rule
-    from nuclick_wsi.io.slides.base import open_slide
+    from nuclick_wsi.io.slides.registry import open_slide
 
     with open_slide(path, bounds_offset=True) as src:
         cropped, offset, file_mpp = (src.width, src.height), tuple(src.bounds_offset), src.mpp
@@ -386,10 +386,10 @@ def manifest_from_qupath(project: str | os.PathLike, *, slide_dir: str | os.Path
                          "left out")
             continue
         if slide_dir is not None and image.uri:
-            from nuclick_wsi.workflows.qupath_project import _pure_path
+            from nuclick_wsi.workflows.qupath_project import pure_path
 
             try:
-                image.path, image.problem = Path(slide_dir) / _pure_path(image.uri).name, None
+                image.path, image.problem = Path(slide_dir) / pure_path(image.uri).name, None
             except ValueError:
                 pass
         if image.problem or image.path is None:
