@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from conftest import disk_model, write_tiff_slide
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.cli.main import main
-from nuclick_wsi.workflows.cohort.batch import (
+from nuclick_wsi.workflows.cohort import (
     BatchOptions,
     FileLock,
     ManifestError,

@@ -47,7 +47,7 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
     each other's slides. Exit status 1 if a slide failed.
     """
     from nuclick_wsi.pipeline import Models, SegmentOptions
-    from nuclick_wsi.workflows.cohort.batch import (BatchOptions, ManifestError, format_summary, read_manifest,
+    from nuclick_wsi.workflows.cohort import (BatchOptions, ManifestError, format_summary, read_manifest,
                                                     run_batch, summary_only as state)
 
     try:
@@ -100,7 +100,7 @@ def manifest_cmd(project, output, slide_dir) -> None:
     name (results import back with workflows/qupath/import_results.groovy), bounds_offset the frame
     QuPath used for the image, mpp the project's um/px where the slide file has none.
     """
-    from nuclick_wsi.workflows.cohort.batch import manifest_from_qupath, write_manifest
+    from nuclick_wsi.workflows.cohort import manifest_from_qupath, write_manifest
 
     rows, notes = manifest_from_qupath(project, slide_dir=slide_dir)
     for note in notes:
