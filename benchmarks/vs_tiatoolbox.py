@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # nuclick-wsi segment (a child process, as a user runs it)
         out = tmp / "out"
-        cmd = [sys.executable, "-m", "nuclick_wsi.cli.main", "segment", str(args.slide), "--points", str(subset),
+        cmd = [sys.executable, "-m", "nuclick_wsi.cli", "segment", str(args.slide), "--points", str(subset),
                "-o", str(out), "--stem", "bench", "--weights", str(wpath), "-q", "--device", args.device,
                "--batch-size", str(args.batch_size)]
         if args.mpp:

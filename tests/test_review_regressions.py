@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 
 from conftest import disk_model
@@ -123,12 +124,10 @@ def test_nested_background_threads_end_after_a_consumer_error():
         for x in background(inner()):
             yield x
 
-    try:
+    with pytest.raises(RuntimeError, match="post-processing failed"):
         for x in background(middle(), depth=2):
             if x == 3:
                 raise RuntimeError("post-processing failed")
-    except RuntimeError:
-        pass
     assert len(_producers()) == before
 
 

@@ -833,15 +833,14 @@ def test_annotation_object_type_and_stem(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 9. the embedded model (only once its weights exist)
+# 9. the embedded model (it ships: a missing file is a failure, never a skip)
 # --------------------------------------------------------------------------------------------
 
 
 def test_embedded_model_on_the_nuclick_demo(shared_data, tmp_path):
     from nuclick_wsi.model.weights import default_weights_path
 
-    if not default_weights_path().exists():
-        pytest.skip("the embedded default model nuclick_wsi/models/default-nuclei.pt is not there yet")
+    assert default_weights_path().is_file(), f"the embedded default model {default_weights_path()} is missing"
     img = shared_data / "nuclick-demo" / "test_img.png"
     pts = shared_data / "nuclick-demo" / "test_img.csv"
     out = tmp_path / "out"

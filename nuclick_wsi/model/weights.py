@@ -104,7 +104,7 @@ def save_checkpoint(path: str | os.PathLike, net: nn.Module, arch: str, arch_arg
 
 def default_weights_path() -> Path:
     """Path of the embedded default nucleus model."""
-    return Path(str(resources.files("nuclick_wsi.models").joinpath(DEFAULT_WEIGHTS)))
+    return Path(str(resources.files("nuclick_wsi.model").joinpath(DEFAULT_WEIGHTS)))
 
 
 def _looks_tiatoolbox(sd: dict[str, Any]) -> bool:
