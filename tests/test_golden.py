@@ -23,11 +23,11 @@ import torch
 from skimage import draw
 from torch import nn
 
+from tests.helpers import ROOT
 from nuclick_wsi.model.weights import LoadedModel
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = ROOT / "tests" / "golden"
 EXAMPLE = ROOT / "examples" / "CMU-1-Small-Region.svs"
 EXAMPLE_CLICKS = ROOT / "examples" / "CMU-1-Small-Region.clicks.geojson"
 RECORD = os.environ.get("NUCLICK_GOLDEN_RECORD") == "1"

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "nuclick_wsi"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "nuclick_wsi"
 
 #: top to bottom; a module may import from its own layer's other subpackages and from any layer below
 LAYERS = [

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from nuclick_wsi.evaluation.protocol import evaluate, format_table, gt_clicks
 from nuclick_wsi.io.datasets import Tile
 
-from conftest import disk_model
+from tests.helpers import disk_model
 
 
 def test_click_at_centroid_or_innermost_pixel():

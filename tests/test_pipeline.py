@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from shapely.geometry import Point, shape
 from torch import nn
 
-from conftest import DiskNet, disk_model, write_tiff_slide
+from tests.helpers import DATA, DiskNet, disk_model, write_tiff_slide
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.errors import (AnnotationError, ModelError, NuclickError, OutputError, ResolutionError,
                                 SlideError)
@@ -36,7 +36,7 @@ from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 from nuclick_wsi.store.labels import is_complete, open_labels, read_instance_table
 
 FOUR = ndi.generate_binary_structure(2, 1)
-KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_keys.json"
+KEYS_JSON = DATA / "tiatoolbox_nuclick_keys.json"
 
 
 # --------------------------------------------------------------------------------------------

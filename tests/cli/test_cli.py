@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import DiskNet, disk_model, write_tiff_slide
+from tests.helpers import DiskNet, disk_model, write_tiff_slide
 from nuclick_wsi.cli.main import main
 from nuclick_wsi.errors import OutputError
 from nuclick_wsi.model.weights import save_checkpoint

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import disk_model, write_tiff_slide
+from tests.helpers import DATA, disk_model, write_tiff_slide
 from nuclick_wsi.io.slides import registry as slide_registry
 from nuclick_wsi.io.slides.memory import array_source as make_array_source
 from nuclick_wsi.io.slides import tiatoolbox as tia
@@ -29,7 +29,7 @@ from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 from nuclick_wsi.io.slides.registry import open_slide
 from nuclick_wsi.store.labels import open_labels
 
-LIGHT_KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_light_keys.json"
+LIGHT_KEYS_JSON = DATA / "tiatoolbox_nuclick_light_keys.json"
 EXTRA = 'pip install "nuclick-wsi[tiatoolbox]"'
 
 
@@ -273,7 +273,7 @@ def test_cli_segment_reader_tiatoolbox(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import nuclick_wsi.model.weights as weights
-    from conftest import DiskNet
+    from tests.helpers import DiskNet
     from nuclick_wsi import cli  # noqa: F401 - cli.main is the command group
 
     real = weights.build_network

@@ -20,7 +20,7 @@ from shapely.geometry import shape
 from skimage import draw
 from torch import nn
 
-from conftest import disk_model, write_tiff_slide
+from tests.helpers import disk_model, write_tiff_slide
 from nuclick_wsi.io.annotations import read_prompts
 from nuclick_wsi.errors import ModelError, NuclickError
 from nuclick_wsi.postprocess.trace import rasterize

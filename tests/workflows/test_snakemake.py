@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test_cohort import SUB_ENV, batch_cli, deterministic_files, leftovers, make_cohort
+from tests.helpers import ROOT, SUB_ENV, batch_cli, deterministic_files, leftovers, make_cohort
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("snakemake") is None,

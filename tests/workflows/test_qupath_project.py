@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Point, box
 from click.testing import CliRunner
-from conftest import dark_model, disk_model, write_leica_scn, write_tiff_slide
+from tests.helpers import ROOT, dark_model, disk_model, write_leica_scn, write_tiff_slide
 
 from nuclick_wsi.workflows import qupath_project as qp
 from nuclick_wsi.io.annotations import read_prompts, read_qupath_polygons, write_qupath
@@ -26,7 +26,6 @@ from nuclick_wsi.guidance.clicks import roi_reasons
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 from nuclick_wsi.records import Click, Instance, Prompts
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "workflows" / "qupath"
 OPENSLIDE = "qupath.lib.images.servers.openslide.OpenslideServerBuilder"
 BIOFORMATS = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"

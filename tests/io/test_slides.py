@@ -20,7 +20,7 @@ openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 from PIL import Image  # noqa: E402
 
-from conftest import write_leica_scn  # noqa: E402
+from tests.helpers import write_leica_scn  # noqa: E402
 
 DATA = Path("/work/shared/data")
 SLIDES = DATA / "slides"

@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import DATA
 from nuclick_wsi.model.architectures.nuclick import BN_EPS, TIATOOLBOX_NUCLICK_DEFAULTS, NuClickNet
 
-KEYS_JSON = Path(__file__).parent / "data" / "tiatoolbox_nuclick_keys.json"
+KEYS_JSON = DATA / "tiatoolbox_nuclick_keys.json"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from conftest import disk_model
+from tests.helpers import disk_model
 from nuclick_wsi.engine.background import background
 from nuclick_wsi.postprocess.trace import rasterize, trace_mask
 from nuclick_wsi.pipeline import SegmentOptions, predict_labels

@@ -16,7 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import disk_model, write_tiff_slide
+from tests.helpers import (NUCLICK, SUB_ENV, batch_cli, deterministic_files, disk_model, leftovers, make_cohort,
+                           make_weights, write_tiff_slide)
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.cli.main import main
 from nuclick_wsi.workflows.cohort import (
@@ -31,69 +32,6 @@ from nuclick_wsi.workflows.cohort import (
 )
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
-
-NUCLICK = [sys.executable, "-m", "nuclick_wsi.cli"]
-#: every subprocess runs torch on one thread, so CPU results cannot depend on the thread count
-SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers (also used by test_snakemake.py)
-
-
-def make_weights(path: Path) -> Path:
-    """A small random light U-Net checkpoint whose threshold makes it segment something."""
-    from nuclick_wsi.model.architectures.unet import LightUNet
-    from nuclick_wsi.model.weights import save_checkpoint
-
-    if not path.exists():
-        torch.manual_seed(0)
-        save_checkpoint(path, LightUNet((8, 16, 32, 64)), "light-unet", {"widths": [8, 16, 32, 64]},
-                        {"mpp": 0.25, "patch_size": 128, "task": "nuclei", "postprocess": {"threshold": 0.3}})
-    return path
-
-
-def make_cohort(root: Path, n: int = 2, clicks: int = 5, size: tuple[int, int] = (384, 320), weights: bool = True,
-                name: str = "manifest.csv") -> Path:
-    """``n`` tiny slides with clicks under ``root``, and a manifest with relative paths."""
-    (root / "slides").mkdir(parents=True, exist_ok=True)
-    (root / "clicks").mkdir(exist_ok=True)
-    lines = ["slide,points,weights" if weights else "slide,points"]
-    if weights:
-        make_weights(root / "w.pt")
-    for k in range(n):
-        slide = root / "slides" / f"s{k}.tif"
-        if not slide.exists():
-            write_tiff_slide(slide, *size, 0.25)
-        rng = np.random.default_rng(100 + k)
-        xy = rng.uniform(12, min(size) - 12, (clicks, 2))
-        (root / "clicks" / f"s{k}.csv").write_text("x,y\n" + "".join(f"{x:.1f},{y:.1f}\n" for x, y in xy))
-        lines.append(f"slides/s{k}.tif,clicks/s{k}.csv" + (",w.pt" if weights else ""))
-    (root / name).write_text("\n".join(lines) + "\n")
-    return root / name
-
-
-def deterministic_files(out: Path) -> dict[str, str]:
-    """sha256 of every output that must be byte-identical run to run (not reports, summary, logs)."""
-    got = {}
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out).as_posix()
-        if p.is_dir() or rel.startswith("logs/") or rel.endswith(".report.json") or rel == "batch-summary.csv":
-            continue
-        got[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return got
-
-
-def leftovers(out: Path) -> list[str]:
-    """Temporaries and lock files anywhere under ``out``."""
-    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
-                  if p.name.startswith(TMP_MARK) or p.name.endswith(".lock"))
-
-
-def batch_cli(manifest: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*NUCLICK, "batch", str(manifest), "-o", str(out), *args], env=SUB_ENV,
-                          capture_output=True, text=True, timeout=300)
-
 
 def quick(**kw) -> BatchOptions:
     kw.setdefault("segment", SegmentOptions(progress=False))
