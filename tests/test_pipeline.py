@@ -33,7 +33,8 @@ from nuclick_wsi.model.weights import LoadedModel, load_model, save_checkpoint
 from nuclick_wsi.guidance.clicks import check_clicks
 from nuclick_wsi.outputs.paths import output_paths
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
-from nuclick_wsi.store.labels import is_complete, open_labels, read_instance_table
+from nuclick_wsi.store.instances import read_instance_table
+from nuclick_wsi.store.labels import is_complete, open_labels
 
 FOUR = ndi.generate_binary_structure(2, 1)
 KEYS_JSON = DATA / "tiatoolbox_nuclick_keys.json"

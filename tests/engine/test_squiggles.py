@@ -31,7 +31,8 @@ from nuclick_wsi.pipeline import Models, SegmentOptions, predict_gland_labels, s
 from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.records import Prompts, Squiggle
 from nuclick_wsi.io.slides.memory import array_source
-from nuclick_wsi.store.labels import open_labels, read_instance_table
+from nuclick_wsi.store.instances import read_instance_table
+from nuclick_wsi.store.labels import open_labels
 from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
 from nuclick_wsi.training.squiggles import (GlandSampler, gland_distance, make_gland_batch, sample_squiggle,
                                             squiggle_threshold_range)

@@ -11,15 +11,8 @@ import zarr
 
 from nuclick_wsi._util.fs import atomic_output
 from nuclick_wsi.errors import OutputError
-from nuclick_wsi.store.labels import (
-    INSTANCE_COLUMNS,
-    LabelStore,
-    is_complete,
-    level_shapes,
-    open_labels,
-    read_instance_table,
-    write_instance_table,
-)
+from nuclick_wsi.store.instances import INSTANCE_COLUMNS, read_instance_table, write_instance_table
+from nuclick_wsi.store.labels import LabelStore, is_complete, level_shapes, open_labels
 
 W, H, C = 300, 200, 64  # 5 x 4 chunks of 64 px, edge chunks smaller
 
