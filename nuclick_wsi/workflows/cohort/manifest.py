@@ -280,7 +280,7 @@ def select_rows(manifest: Manifest, *, only: Sequence[str] = (), task_index: int
 
 def _frame(image, path: Path) -> tuple[bool | None, float | None, str]:
     """The frame QuPath used for ``image`` (its bounds rule) and the project's um/px when the file has none."""
-    from nuclick_wsi.workflows.qupath_project import bounds_rule
+    from nuclick_wsi.workflows.qupath_project.project import bounds_rule
     from nuclick_wsi.io.slides.registry import open_slide
 
     with open_slide(path, bounds_offset=True) as src:
@@ -320,7 +320,7 @@ def manifest_from_qupath(project: str | os.PathLike, *, slide_dir: str | os.Path
     notes : list of str
         Images left out or not fully resolved, and why.
     """
-    from nuclick_wsi.workflows.qupath_project import read_project
+    from nuclick_wsi.workflows.qupath_project.project import read_project
 
     proj = read_project(project)
     twins: dict[str, int] = {}
@@ -339,7 +339,7 @@ def manifest_from_qupath(project: str | os.PathLike, *, slide_dir: str | os.Path
                          "left out")
             continue
         if slide_dir is not None and image.uri:
-            from nuclick_wsi.workflows.qupath_project import pure_path
+            from nuclick_wsi.workflows.qupath_project.project import pure_path
 
             try:
                 image.path, image.problem = Path(slide_dir) / pure_path(image.uri).name, None
