@@ -32,6 +32,12 @@ if not SHARED.exists():  # CI clones the repo with ../shared beside it; allow an
 # stand-in networks and models
 
 
+def centre_distance(h: int, w: int) -> torch.Tensor:
+    """(h, w) distances of every pixel from the patch centre (where the click is), float32."""
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    return torch.sqrt((yy - h // 2) ** 2 + (xx - w // 2) ** 2)
+
+
 class DiskNet(nn.Module):
     """A stand-in network whose probability is a disk of ``radius`` model pixels around the click.
 
@@ -46,8 +52,7 @@ class DiskNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-        d = torch.sqrt((yy - h // 2) ** 2 + (xx - w // 2) ** 2)
+        d = centre_distance(h, w)
         logit = 2.0 * (self.radius - d) + self.dummy
         return logit.expand(n, 1, h, w).clone()
 

@@ -23,7 +23,7 @@ import torch
 from skimage import draw
 from torch import nn
 
-from tests.helpers import ROOT
+from tests.helpers import centre_distance, ROOT
 from nuclick_wsi.model.weights import LoadedModel
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 
@@ -44,9 +44,7 @@ class TernaryDiskNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-        d = torch.sqrt((yy - h // 2) ** 2 + (xx - w // 2) ** 2).expand(n, 1, h, w)
+        d = centre_distance(h, w).expand(n, 1, h, w)
         logit = torch.where(d < self.core, 40.0, torch.where(d < self.radius, 0.0, -40.0))
         bright = x[:, :3].mean(dim=1, keepdim=True) > 0.85
         logit = torch.where(bright & (d >= self.core), -40.0, logit)

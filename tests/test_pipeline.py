@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from shapely.geometry import Point, shape
 from torch import nn
 
-from tests.helpers import DATA, DiskNet, disk_model, write_tiff_slide
+from tests.helpers import centre_distance, DATA, DiskNet, disk_model, write_tiff_slide
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.errors import (AnnotationError, ModelError, NuclickError, OutputError, ResolutionError,
                                 SlideError)
@@ -134,9 +134,7 @@ class RingNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-        d = torch.sqrt((yy - h // 2) ** 2 + (xx - w // 2) ** 2)
+        d = centre_distance(h, w)
         logit = 2.0 * (self.radius - torch.abs(d - self.peak)) + self.dummy
         return logit.expand(n, 1, h, w).clone()
 
