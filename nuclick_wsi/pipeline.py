@@ -37,7 +37,8 @@ from nuclick_wsi.model.models import Models
 from nuclick_wsi.model.predictor import Predictor
 from nuclick_wsi.model.weights import LoadedModel
 from nuclick_wsi.outputs.commit import commit_outputs, write_polygons
-from nuclick_wsi.outputs.paths import OBJECT_TYPES, output_paths, remove_stale_outputs, slide_stem
+from nuclick_wsi.io.annotations.qupath import OBJECT_TYPES
+from nuclick_wsi.outputs.paths import output_paths, remove_stale_outputs, slide_stem
 from nuclick_wsi.outputs.report import segment_report
 from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.records import Instance, Prompts

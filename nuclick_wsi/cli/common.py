@@ -8,7 +8,8 @@ import sys
 import click
 
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.outputs.paths import OBJECT_TYPES, POLYGON_SUFFIXES
+from nuclick_wsi.io.annotations.qupath import OBJECT_TYPES
+from nuclick_wsi.outputs.paths import POLYGON_SUFFIXES
 
 
 def fail_cleanly(fn):

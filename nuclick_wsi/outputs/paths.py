@@ -12,8 +12,6 @@ from nuclick_wsi.store.labels import is_complete
 
 #: polygon output formats and their file suffixes
 POLYGON_SUFFIXES = {"qupath": ".geojson", "asap": ".xml", "geoparquet": ".parquet"}
-#: QuPath object types the results can be written as
-OBJECT_TYPES = ("detection", "annotation", "cell")
 
 
 def slide_stem(path: str | os.PathLike) -> str:

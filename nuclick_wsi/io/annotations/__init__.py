@@ -18,7 +18,8 @@ from nuclick_wsi.io.annotations._common import GZIP_MAGIC, ZIP_MAGIC, check_exis
 from nuclick_wsi.io.annotations.asap import read_asap_polygons, write_asap
 from nuclick_wsi.io.annotations.geoparquet import write_geoparquet
 from nuclick_wsi.io.annotations.imagescope import read_imagescope_polygons
-from nuclick_wsi.io.annotations.qupath import read_qupath_polygons, write_qupath
+from nuclick_wsi.io.annotations.qupath import read_qupath_polygons
+from nuclick_wsi.io.annotations.qupath_writer import write_qupath
 
 __all__ = [
     "default_color",
