@@ -127,6 +127,31 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Manif
         raise ManifestError(path, [f"cannot read it: {exc}"]) from None
     base = path.resolve().parent
     reader = csv.reader(io.StringIO(text))
+    header = _read_header(reader, path)
+    ignored = [c for c in header if c not in MANIFEST_COLUMNS]
+    col = {c: header.index(c) for c in MANIFEST_COLUMNS if c in header}
+    problems: list[str] = []
+    rows: list[ManifestRow] = []
+    for cells in reader:
+        if not cells or not any(c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
+            continue
+        get = {c: (cells[i].strip() if i < len(cells) else "") for c, i in col.items()}
+        row, bad = _parse_row(get, reader.line_num, base, check_files)
+        label = f"line {row.line}" + (f" ({row.stem})" if row.stem else "")
+        problems.extend(f"{label}: {b}" for b in bad)
+        rows.append(row)
+    problems += _duplicate_stems(rows)
+    if not rows and not problems:
+        problems.append("no rows: expected one row per slide after the header")
+    if problems:
+        problems.sort(key=lambda p: int(re.match(r"line (\d+)", p).group(1)) if re.match(r"line (\d+)", p) else 0)
+        raise ManifestError(path, problems)
+    rows = [dataclasses.replace(r, index=k) for k, r in enumerate(rows)]
+    return Manifest(path=path, rows=rows, ignored_columns=ignored)
+
+
+def _read_header(reader, path: Path) -> list[str]:
+    """The header (lower case), after blank and comment lines; missing or repeated columns are errors."""
     header: list[str] | None = None
     for cells in reader:
         if cells and any(c.strip() for c in cells) and not cells[0].lstrip().startswith("#"):
@@ -144,60 +169,60 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Manif
         if dupe_cols:
             probs.append(f"line {reader.line_num}: column(s) {', '.join(dupe_cols)} given twice")
         raise ManifestError(path, probs)
-    ignored = [c for c in header if c not in MANIFEST_COLUMNS]
-    col = {c: header.index(c) for c in MANIFEST_COLUMNS if c in header}
+    return header
 
-    problems: list[str] = []
-    rows: list[ManifestRow] = []
-    for cells in reader:
-        line = reader.line_num
-        if not cells or not any(c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
-            continue
-        get = {c: (cells[i].strip() if i < len(cells) else "") for c, i in col.items()}
-        bad: list[str] = []
-        slide_txt, points_txt = get["slide"], get["points"]
-        slide = _resolve(base, slide_txt) if slide_txt else None
-        points = _resolve(base, points_txt) if points_txt else None
-        if slide is None:
-            bad.append("slide is empty")
-        elif check_files and not slide.exists():
-            bad.append(f"slide not found: {slide}")
-        if points is None:
-            bad.append("points is empty")
-        elif check_files and not points.is_file():
-            bad.append(f"points file not found: {points}")
-        mpp: float | None = None
-        if get.get("mpp"):
-            try:
-                mpp = float(get["mpp"])
-            except ValueError:
-                bad.append(f"mpp {get['mpp']!r} is not a number (um/px)")
-            else:
-                if not (math.isfinite(mpp) and 0 < mpp <= MAX_MPP):
-                    hint = " (that looks like a magnification; um/px at 40x is about 0.25)" if mpp > MAX_MPP else ""
-                    bad.append(f"mpp {get['mpp']} is not an um/px in (0, {MAX_MPP:g}]{hint}")
-                    mpp = None
-        weights = _resolve(base, get["weights"]) if get.get("weights") else None
-        bounds: bool | None = None
-        if get.get("bounds_offset"):
-            bounds = _BOOLS.get(get["bounds_offset"].lower())
-            if bounds is None:
-                bad.append(f"bounds_offset {get['bounds_offset']!r} is not true or false")
-        if weights is not None and check_files and not weights.is_file():
-            bad.append(f"weights file not found: {weights}")
-        stem = get.get("stem") or (slide_stem(slide_txt) if slide_txt else "")
-        sp = _stem_problem(stem)
-        if sp and (slide_txt or get.get("stem")):
-            bad.append(sp)
-        label = f"line {line}" + (f" ({stem})" if stem else "")
-        problems.extend(f"{label}: {b}" for b in bad)
-        if not bad:
-            rows.append(ManifestRow(index=-1, line=line, slide=slide, points=points, stem=stem, mpp=mpp, weights=weights,
-                                    bounds_offset=bounds))
-        else:
-            rows.append(ManifestRow(index=-1, line=line, slide=slide or Path(), points=points or Path(), stem=stem))
-    # duplicate stems (case-insensitive: outputs would overwrite each other on macOS/Windows shares)
-    seen: dict[str, int] = {}
+
+def _parse_mpp(text: str, bad: list[str]) -> float | None:
+    if not text:
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        bad.append(f"mpp {text!r} is not a number (um/px)")
+        return None
+    if not (math.isfinite(mpp) and 0 < mpp <= MAX_MPP):
+        hint = " (that looks like a magnification; um/px at 40x is about 0.25)" if mpp > MAX_MPP else ""
+        bad.append(f"mpp {text} is not an um/px in (0, {MAX_MPP:g}]{hint}")
+        return None
+    return mpp
+
+
+def _parse_row(get: dict[str, str], line: int, base: Path, check_files: bool) -> tuple[ManifestRow, list[str]]:
+    """One row and its problems (a row with problems keeps only what names it in messages)."""
+    bad: list[str] = []
+    slide_txt, points_txt = get["slide"], get["points"]
+    slide = _resolve(base, slide_txt) if slide_txt else None
+    points = _resolve(base, points_txt) if points_txt else None
+    if slide is None:
+        bad.append("slide is empty")
+    elif check_files and not slide.exists():
+        bad.append(f"slide not found: {slide}")
+    if points is None:
+        bad.append("points is empty")
+    elif check_files and not points.is_file():
+        bad.append(f"points file not found: {points}")
+    mpp = _parse_mpp(get.get("mpp", ""), bad)
+    weights = _resolve(base, get["weights"]) if get.get("weights") else None
+    bounds: bool | None = None
+    if get.get("bounds_offset"):
+        bounds = _BOOLS.get(get["bounds_offset"].lower())
+        if bounds is None:
+            bad.append(f"bounds_offset {get['bounds_offset']!r} is not true or false")
+    if weights is not None and check_files and not weights.is_file():
+        bad.append(f"weights file not found: {weights}")
+    stem = get.get("stem") or (slide_stem(slide_txt) if slide_txt else "")
+    sp = _stem_problem(stem)
+    if sp and (slide_txt or get.get("stem")):
+        bad.append(sp)
+    if bad:
+        return ManifestRow(index=-1, line=line, slide=slide or Path(), points=points or Path(), stem=stem), bad
+    return ManifestRow(index=-1, line=line, slide=slide, points=points, stem=stem, mpp=mpp, weights=weights,
+                       bounds_offset=bounds), bad
+
+
+def _duplicate_stems(rows: list[ManifestRow]) -> list[str]:
+    """Stems used twice (case-insensitive: outputs would overwrite each other on macOS/Windows shares)."""
+    problems, seen = [], {}
     for r in rows:
         if not r.stem:
             continue
@@ -207,13 +232,7 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Manif
                             "outputs would overwrite each other (set a 'stem' column)")
         else:
             seen[key] = r.line
-    if not rows and not problems:
-        problems.append("no rows: expected one row per slide after the header")
-    if problems:
-        problems.sort(key=lambda p: int(re.match(r"line (\d+)", p).group(1)) if re.match(r"line (\d+)", p) else 0)
-        raise ManifestError(path, problems)
-    rows = [dataclasses.replace(r, index=k) for k, r in enumerate(rows)]
-    return Manifest(path=path, rows=rows, ignored_columns=ignored)
+    return problems
 
 
 def write_manifest(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
