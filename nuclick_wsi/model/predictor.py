@@ -43,7 +43,7 @@ class Predictor:
         self.device = resolve_device(device)
         net = model.net.to(self.device).eval().to(memory_format=torch.channels_last)
         self.net = net
-        #: what precision runs and why (``auto`` measures on CPUs with native bf16: nuclick_wsi/precision.py)
+        #: what precision runs and why (``auto`` measures on CPUs with native bf16: nuclick_wsi/model/precision.py)
         self.precision = choose_precision(net, self.device, precision, patch_size=model.patch_size,
                                           arch_key=(model.arch, model.arch_args))
         self.dtype = self.precision.dtype

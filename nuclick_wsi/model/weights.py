@@ -77,11 +77,11 @@ def build_network(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Modu
         from nuclick_wsi.model.architectures.nuclick import NuClickNet
 
         return NuClickNet(**arch_args)
-    if arch == "s2d-unet":  # space-to-depth stem, full-resolution head (models/s2d_unet.py)
+    if arch == "s2d-unet":  # space-to-depth stem, full-resolution head (model/architectures/s2d_unet.py)
         from nuclick_wsi.model.architectures.s2d_unet import S2DUNet
 
         return S2DUNet(**arch_args)
-    if arch == "tia-light-unet":  # TIAToolbox's nuclick_light-pannuke layout (models/tia_unet.py)
+    if arch == "tia-light-unet":  # TIAToolbox's nuclick_light-pannuke layout (model/architectures/tia_unet.py)
         from nuclick_wsi.model.architectures.tia_unet import TiaLightUNet
 
         return TiaLightUNet(**arch_args)
@@ -143,7 +143,7 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
         path = default_weights_path()
         if not path.exists():
             raise ModelError(f"the embedded default model {path} is missing from this installation")
-    # --- TIAToolbox pretrained names: tiatoolbox:NAME (download/cache in nuclick_wsi/tia.py) ---
+    # --- TIAToolbox pretrained names: tiatoolbox:NAME (download/cache in nuclick_wsi/model/tiatoolbox_weights.py) ---
     elif isinstance(weights, str) and weights.startswith("tiatoolbox:"):
         from nuclick_wsi.model.tiatoolbox_weights import tiatoolbox_weights_path
 

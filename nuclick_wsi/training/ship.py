@@ -5,8 +5,8 @@
 
 Steps: pick the post-processing threshold on the validation tiles (never the test tiles), evaluate
 on the held-out test tiles with clicks at the centroids and with 5 px jitter, then write the weights
-(without optimizer state) with that metadata to ``nuclick_wsi/models/default-nuclei.pt`` and
-regenerate ``nuclick_wsi/models/MODEL_CARD.md``. Refuses to replace shipped weights that score a
+(without optimizer state) with that metadata to ``nuclick_wsi/model/default-nuclei.pt`` and
+regenerate ``nuclick_wsi/model/MODEL_CARD.md``. Refuses to replace shipped weights that score a
 higher AJI on the same test tiles unless ``--force``.
 """
 
