@@ -34,12 +34,13 @@ jobs):
 """
 
 from nuclick_wsi.workflows.cohort.batch import BatchOptions, disk_state, process_row, run_batch, summary_only
-from nuclick_wsi.workflows.cohort.locks import FileLock, LockInfo, LockKeeper, remove_temporaries, stem_file_names
-from nuclick_wsi.workflows.cohort.manifest import (Manifest, ManifestError, ManifestRow, manifest_from_qupath,
+from nuclick_wsi.workflows.cohort.locks import (FAILED_SUFFIX, LOCK_SUFFIX, FileLock, LockInfo, LockKeeper,
+                                                remove_temporaries, stem_file_names)
+from nuclick_wsi.workflows.cohort.manifest import (SUMMARY_NAME, Manifest, ManifestError, ManifestRow, manifest_from_qupath,
                                                    read_manifest, select_rows, write_manifest)
 from nuclick_wsi.workflows.cohort.summary import BatchResult, SlideResult, format_summary, write_summary
 
-__all__ = ["BatchOptions", "BatchResult", "FileLock", "LockInfo", "LockKeeper", "Manifest", "ManifestError",
+__all__ = ["FAILED_SUFFIX", "LOCK_SUFFIX", "SUMMARY_NAME", "BatchOptions", "BatchResult", "FileLock", "LockInfo", "LockKeeper", "Manifest", "ManifestError",
            "ManifestRow", "SlideResult", "disk_state", "format_summary", "manifest_from_qupath", "process_row",
            "read_manifest", "remove_temporaries", "run_batch", "select_rows", "stem_file_names", "summary_only",
            "write_manifest", "write_summary"]
