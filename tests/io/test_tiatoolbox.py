@@ -38,7 +38,6 @@ def without_tiatoolbox(monkeypatch):
     """Make TIAToolbox look absent (as in an environment without the extra)."""
     monkeypatch.setattr(tia, "tiatoolbox_installed", lambda: False)
     monkeypatch.setattr(tiatoolbox_weights, "tiatoolbox_installed", lambda: False)
-    monkeypatch.setattr(tia, "_IMPORT_ERROR", [])
     monkeypatch.setattr(slide_registry.REGISTRY, "auto_order", [n for n in slide_registry.AUTO_ORDER if n != "tiatoolbox"])
 
 

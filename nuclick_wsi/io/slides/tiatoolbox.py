@@ -55,21 +55,19 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-_IMPORT_ERROR: list[str] = []
-
-
 def tiatoolbox_unavailable() -> str | None:
-    """None when TIAToolbox's reader can be used, else why not (one line, with the fix)."""
+    """None when TIAToolbox's reader can be used, else why not (one line, with the fix).
+
+    Nothing is cached here: Python keeps a module that imported (``sys.modules``), and a failed
+    import is tried again, so a fixed installation is seen without a restart.
+    """
     if not tiatoolbox_installed():
         return f"TIAToolbox is not installed ({EXTRA_HINT})"
-    if not _IMPORT_ERROR:
-        try:
-            import tiatoolbox.wsicore.wsireader  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - e.g. a missing shared library or a version clash
-            _IMPORT_ERROR.append(f"TIAToolbox is installed but cannot be imported ({reason(exc)})")
-        else:
-            _IMPORT_ERROR.append("")
-    return _IMPORT_ERROR[0] or None
+    try:
+        import tiatoolbox.wsicore.wsireader  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - e.g. a missing shared library or a version clash
+        return f"TIAToolbox is installed but cannot be imported ({reason(exc)})"
+    return None
 
 
 # --------------------------------------------------------------------------------------
