@@ -32,9 +32,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.fresh:
         os.environ["NUCLICK_WSI_CACHE_DIR"] = tempfile.mkdtemp(prefix="nuclick-precision-")
-    from nuclick_wsi.models.weights import load_model
-    from nuclick_wsi.precision import cpu_description, probe_speed
-    from nuclick_wsi.engine import Predictor
+    from nuclick_wsi.model.weights import load_model
+    from nuclick_wsi.model.precision import cpu_description, probe_speed
+    from nuclick_wsi.model.predictor import Predictor
 
     model = load_model(args.weights)
     dev = torch.device("cpu")

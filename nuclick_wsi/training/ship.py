@@ -5,8 +5,8 @@
 
 Steps: pick the post-processing threshold on the validation tiles (never the test tiles), evaluate
 on the held-out test tiles with clicks at the centroids and with 5 px jitter, then write the weights
-(without optimizer state) with that metadata to ``nuclick_wsi/models/default-nuclei.pt`` and
-regenerate ``nuclick_wsi/models/MODEL_CARD.md``. Refuses to replace shipped weights that score a
+(without optimizer state) with that metadata to ``nuclick_wsi/model/default-nuclei.pt`` and
+regenerate ``nuclick_wsi/model/MODEL_CARD.md``. Refuses to replace shipped weights that score a
 higher AJI on the same test tiles unless ``--force``.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..evaluate import evaluate, load_eval_tiles
-from ..models.weights import default_weights_path, load_model, save_checkpoint
-from ..pipeline import SegmentOptions
+from nuclick_wsi import __version__
+from nuclick_wsi.evaluation.protocol import evaluate, load_eval_tiles
+from nuclick_wsi.model.weights import default_weights_path, load_model, save_checkpoint
+from nuclick_wsi.pipeline import SegmentOptions
 
 
 ARCH_TEXT = {

@@ -4,7 +4,7 @@ The port ships two pretrained networks (its README.md, "Using pretrained NuClick
 
 * ``NuClick_NN`` ("NuClick architecture", ``NuClick_Nuclick_40xAll.pth``): its state dict has
   exactly the keys and shapes of TIAToolbox's ``NuClick`` (TIAToolbox took its network from this
-  port), so it loads as our ``nuclick`` architecture (:mod:`nuclick_wsi.models.nuclick`). The file
+  port), so it loads as our ``nuclick`` architecture (:mod:`nuclick_wsi.model.architectures.nuclick`). The file
   alone cannot say which of the two it came from; it gets TIAToolbox's settings, which differ from
   the port's only in the threshold (0.33 there, 0.5 here: pass ``--threshold 0.5``).
 * ``UNet`` ("UNet architecture", an improved U-Net): built by ``train.py``/``predict.py`` as
