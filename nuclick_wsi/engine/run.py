@@ -28,6 +28,7 @@ import numpy as np
 from nuclick_wsi.engine.background import Timer, background
 from nuclick_wsi.io.slides.base import SlideSource
 from nuclick_wsi.model.predictor import Predictor
+from nuclick_wsi.postprocess.confidence import RING_MODEL_PX, outline_confidence
 from nuclick_wsi.postprocess.stitch import Piece, Stitcher
 from nuclick_wsi.postprocess.threshold import PostParams, instance_from_probability
 from nuclick_wsi.postprocess.trace import deterministic_uuid, trace_mask
@@ -146,8 +147,10 @@ class PromptRun:
             seed_mask[seed[0] - r0, seed[1] - c0] = True
         else:
             seed_mask = seed[r0:r0 + h, c0:c0 + w] & mask
+        conf = outline_confidence(grid, mask, where, ring_px=round(RING_MODEL_PX * self.strategy.scale))
         return Piece(label=self.strategy.label_of(idx), x0=u0 + c0, y0=v0 + r0, mask=mask,
-                     prob=grid[r0:r0 + h, c0:c0 + w].astype(np.float16), seed=seed_mask, meta={"index": idx})
+                     prob=grid[r0:r0 + h, c0:c0 + w].astype(np.float16), seed=seed_mask,
+                     meta={"index": idx, "confidence": conf})
 
     def _retire(self, piece: Piece) -> None:
         """An instance whose pixels are final: trace it, record it for the outputs and the table."""
@@ -164,10 +167,11 @@ class PromptRun:
         uid = deterministic_uuid(self.stem, idx, x, y, kind)
         self.instances.append(Instance(label=piece.label, uuid=uid, geometry=geom, class_name=prompt.class_name,
                                        color=prompt.color, area_px=area, area_um2=area_um2, score=score,
-                                       prompt_index=idx, kind=kind))
+                                       confidence=piece.meta["confidence"], prompt_index=idx, kind=kind))
         self.table.append({"label": piece.label, "prompt_index": idx, "class_name": prompt.class_name,
                            "x": x, "y": y, "centroid_x": round(cxm, 3), "centroid_y": round(cym, 3),
-                           "area_px": area, "area_um2": area_um2, "score": round(score, 6), "kind": kind})
+                           "area_px": area, "area_um2": area_um2, "score": round(score, 6),
+                           "confidence": round(piece.meta["confidence"], 6), "kind": kind})
         self.timer.add("write", time.perf_counter() - t)
 
     def into_store(self, create_store, *, progress: bool = False, desc: str = "", unit: str = "") -> None:

@@ -25,6 +25,7 @@ INSTANCE_COLUMNS = (
     "area_px",
     "area_um2",
     "score",
+    "confidence",
     "kind",
 )
 _INT_COLUMNS = frozenset({"label", "prompt_index"})

@@ -613,7 +613,7 @@ def test_geoparquet(tmp_path):
     instances = make_instances()
     path = write_geoparquet(instances, tmp_path / "out.parquet", mpp=0.5)
     frame = gpd.read_parquet(path)
-    assert list(frame.columns) == ["id", "label", "class_name", "area_px", "area_um2", "score", "prompt_index", "kind", "geometry"]
+    assert list(frame.columns) == ["id", "label", "class_name", "area_px", "area_um2", "score", "confidence", "prompt_index", "kind", "geometry"]
     assert list(frame["id"]) == [i.uuid for i in instances]
     assert list(frame["label"]) == [1, 2, 3]
     assert frame["class_name"].isna().tolist() == [False, True, False]

@@ -10,7 +10,7 @@ from pathlib import Path
 from nuclick_wsi._util.fs import atomic_output
 from nuclick_wsi.records import Instance
 
-COLUMNS = ("id", "label", "class_name", "area_px", "area_um2", "score", "prompt_index", "kind", "geometry")
+COLUMNS = ("id", "label", "class_name", "area_px", "area_um2", "score", "confidence", "prompt_index", "kind", "geometry")
 
 
 def _area_um2(inst: Instance, mpp: float | None) -> float:
@@ -39,7 +39,7 @@ def write_geoparquet(
     -------
     Path
         The written file, with columns ``id`` (uuid), ``label``, ``class_name``, ``area_px``,
-        ``area_um2``, ``score``, ``prompt_index``, ``kind`` and ``geometry`` (level-0 pixels,
+        ``area_um2``, ``score``, ``confidence``, ``prompt_index``, ``kind`` and ``geometry`` (level-0 pixels,
         no CRS).
     """
     import geopandas as gpd
@@ -53,6 +53,7 @@ def write_geoparquet(
         "area_px": np.array([i.area_px for i in instances], dtype=np.float64),
         "area_um2": np.array([_area_um2(i, mpp) for i in instances], dtype=np.float64),
         "score": np.array([i.score for i in instances], dtype=np.float64),
+        "confidence": np.array([np.nan if i.confidence is None else i.confidence for i in instances], dtype=np.float64),
         "prompt_index": np.array([i.prompt_index for i in instances], dtype=np.int64),
         "kind": pd.array([i.kind for i in instances], dtype="string"),
     }

@@ -66,6 +66,8 @@ def instance_feature(instance: Instance, object_type: str = "detection") -> dict
         measurements["Area um^2"] = round(float(instance.area_um2), 4)  # type: ignore[arg-type]
     if _finite(instance.score):
         measurements["NuClick score"] = round(float(instance.score), 4)
+    if _finite(instance.confidence):
+        measurements["NuClick confidence"] = round(float(instance.confidence), 4)  # type: ignore[arg-type]
     props["measurements"] = measurements
     props["isLocked"] = False
     feature["properties"] = props
