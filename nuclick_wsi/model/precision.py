@@ -71,8 +71,12 @@ def cpu_description() -> dict[str, Any]:
 
 
 def native_bf16(cpu: dict[str, Any]) -> bool:
-    """True when the CPU has bf16 instructions that torch's CPU kernels use."""
-    return bool(cpu["avx512_bf16"] or cpu["amx"])
+    """True when the CPU has bf16 instructions that torch's CPU kernels use.
+
+    The instructions must be there (AVX512-BF16 or AMX) *and* torch must run its AVX512 kernels:
+    with ``ATEN_CPU_CAPABILITY=avx2`` (or a build without them) the bf16 paths are the slow ones.
+    """
+    return bool(cpu["avx512_bf16"] or cpu["amx"]) and str(cpu["capability"]).upper().startswith("AVX512")
 
 
 def cache_path() -> Path:

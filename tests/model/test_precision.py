@@ -58,6 +58,14 @@ def test_auto_takes_the_measured_faster_path_and_caches_it(monkeypatch, net, tmp
     assert len(calls) == 4 and len(json.loads(cache.read_text())) == 2
 
 
+def test_bf16_instructions_without_torch_avx512_kernels_get_fp32(monkeypatch, net, tmp_path):
+    cpu = _cpu(True)()
+    monkeypatch.setattr(P, "cpu_description", lambda: dict(cpu, capability="AVX2"))  # ATEN_CPU_CAPABILITY=avx2
+    choice = P.choose_precision(net, CPU, "auto", patch_size=32, cache=tmp_path / "c.json",
+                                probe=lambda *a, **k: pytest.fail("no probe"))
+    assert choice.name == "fp32"
+
+
 def test_unwritable_cache_still_chooses_and_says_so(monkeypatch, net, tmp_path):
     monkeypatch.setattr(P, "cpu_description", _cpu(True, amx=True))
     blocker = tmp_path / "file"
