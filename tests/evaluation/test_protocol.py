@@ -79,3 +79,43 @@ def test_evaluate_cli_writes_json(tmp_path, monkeypatch):
     assert "model" in r.output and json.loads(out.read_text())["overall"]["model"]["dq"] == 1.0
     r = CliRunner().invoke(cli.main, ["evaluate", str(tmp_path / "d"), "--tiles", "nope"])
     assert r.exit_code == 1 and "nope" in r.output
+
+
+def test_object_table_size_calibration_and_confidence_ranking():
+    from nuclick_wsi.evaluation.protocol import confidence_ranking, object_table, size_calibration
+    from nuclick_wsi.records import Instance
+
+    gt = np.zeros((20, 40), np.int32)
+    gt[2:6, 2:6] = 3  # 16 px
+    gt[10:18, 20:30] = 7  # 80 px
+    pred = np.zeros_like(gt)
+    pred[2:6, 2:8] = 1  # click 0 -> object 3: 24 px, IoU 16/24
+    pred[10:18, 20:25] = 2  # click 1 -> object 7: 40 px, IoU 0.5
+    insts = [Instance(label=1, uuid="a", geometry=None, prompt_index=0, confidence=0.9),
+             Instance(label=2, uuid="b", geometry=None, prompt_index=1, confidence=0.2)]
+    tab = object_table(gt, pred, np.array([3, 7]), insts, mpp=0.5)
+    assert tab[:, 0].tolist() == [4.0, 20.0] and tab[:, 1].tolist() == [6.0, 10.0]  # um^2 at 0.5 um/px
+    assert tab[:, 2] == pytest.approx([16 / 24, 0.5]) and tab[:, 3].tolist() == [0.9, 0.2]
+    cal = size_calibration(tab)
+    assert cal["0-6.25 um2"] == {"n": 1, "median_area_ratio": 1.5}
+    assert cal[">= 25 um2"]["n"] == 0 and cal["12.5-25 um2"]["median_area_ratio"] == 0.5
+    rng = np.random.default_rng(0)  # confidence that tracks IoU ranks it; noise does not
+    iou = rng.uniform(0.3, 0.95, 400)
+    good = np.stack([np.ones(400), np.ones(400), iou, iou + rng.normal(0, 0.05, 400)], 1)
+    bad = good.copy()
+    bad[:, 3] = rng.uniform(0, 1, 400)
+    r_good, r_bad = confidence_ranking(good), confidence_ranking(bad)
+    assert r_good["spearman_rho"] > 0.9 and r_good["iou_worst_5pct"] < r_good["iou_rest"] - 0.2
+    assert abs(r_bad["spearman_rho"]) < 0.2
+
+
+def test_tiles_read_at_20x_keep_their_objects():
+    from nuclick_wsi.evaluation.protocol import rescale_tile
+
+    tile = _tile()
+    half = rescale_tile(tile, 0.5)
+    assert half.image.shape == (80, 80, 3) and half.labels.shape == (80, 80) and half.mpp == 0.5
+    assert set(np.unique(half.labels)) == {0, 1, 2, 3, 4}
+    res = evaluate([tile], disk_model(6.0), baselines=False, scale=0.5)
+    assert res["scale"] == 0.5 and res["objects"] == 4 and res["overall"]["model"]["dq"] == 1.0
+    assert set(res["size_calibration"]) == {"0-6.25 um2", "6.25-12.5 um2", "12.5-25 um2", ">= 25 um2"}
