@@ -5,18 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
-
-TMP_MARK = ".nuclick-tmp-"
+from .outputs.temporaries import TMP_MARK, remove_orphans, temp_name  # noqa: F401 (TMP_MARK re-exported)
 
 
 def temp_path_for(final: Path) -> Path:
     """A temporary sibling of ``final`` that ``cleanup_temporaries`` recognises."""
-    return final.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{final.name}")
+    return final.with_name(temp_name(final.name))
 
 
 def _remove(path: Path) -> None:
@@ -74,12 +72,5 @@ def replace(tmp: Path, final: Path) -> None:
 
 
 def cleanup_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporaries left in ``folder`` by a killed run; return what was removed."""
-    folder = Path(folder)
-    removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(TMP_MARK):
-                _remove(p)
-                removed.append(p)
-    return removed
+    """Remove temporaries left in ``folder`` by killed runs (owner gone); return what was removed."""
+    return remove_orphans(folder)

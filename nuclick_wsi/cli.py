@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .errors import NuclickError
+from .outputs.signals import exit_status, signals_as_interrupt
 
 
 def _fail_cleanly(fn):
@@ -19,15 +20,16 @@ def _fail_cleanly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals_as_interrupt():  # SIGTERM (SLURM) and SIGHUP: the same clean-up as Ctrl-C
+                return fn(*args, **kwargs)
         except NuclickError as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         except OSError as exc:  # disk full, permissions...: outputs were already cleaned up
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("interrupted; nothing half-written was left", err=True)
-            sys.exit(130)
+            sys.exit(exit_status(exc))
 
     return wrapper
 
@@ -80,7 +82,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("slide", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("slide", type=click.Path(path_type=Path))  # a folder: OME-Zarr (the readers decide)
 @click.option("--points", "-p", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Clicks: QuPath GeoJSON, ASAP XML, ImageScope XML or CSV (x,y[,class]).")
 @click.option("--output", "-o", "out_dir", default=Path("."), show_default=True,

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import threading
 import time
@@ -55,8 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import TMP_MARK, _remove, atomic_output, ensure_writable_dir
+from .atomic import _remove, atomic_output, ensure_writable_dir, temp_path_for
 from .errors import NuclickError, OutputError
+from .outputs.limits import MPP_RANGE, mpp_problem
+from .outputs.safety import stem_problem
+from .outputs.signals import signals_as_interrupt
+from .outputs.temporaries import parse as parse_temporary
 from .pipeline import FORMATS, SegmentOptions, output_paths, outputs_complete, segment, slide_stem
 
 MANIFEST_COLUMNS = ("slide", "points", "mpp", "weights", "stem", "bounds_offset")
@@ -68,9 +71,8 @@ LOCK_SUFFIX = ".lock"
 FAILED_SUFFIX = ".failed.json"
 #: statuses of a row in a batch summary
 STATUSES = ("segmented", "complete", "failed", "running", "pending")
-MAX_MPP = 20.0
+MAX_MPP = MPP_RANGE[1]  #: the shared plausibility range (outputs.limits)
 
-_TMP_RE = re.compile(rf"^(?:{re.escape(TMP_MARK)}[0-9a-f]{{8}}-)+(?P<name>.+)$")
 
 
 class ManifestError(NuclickError):
@@ -127,14 +129,8 @@ def _resolve(base: Path, text: str) -> Path:
 
 
 def _stem_problem(stem: str) -> str | None:
-    if not stem:
-        return "empty stem"
-    if "/" in stem or "\\" in stem or stem in (".", ".."):
-        return f"stem {stem!r} must be a plain file name (no / or \\)"
-    if stem.startswith("."):
-        return f"stem {stem!r} must not start with '.'"
-    if any(ord(c) < 32 for c in stem):
-        return f"stem {stem!r} holds control characters"
+    if stem_problem(stem):
+        return stem_problem(stem)
     if stem.lower() in RESERVED_STEMS:
         return f"stem {stem!r} is reserved (the batch summary uses it)"
     return None
@@ -217,9 +213,8 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Manif
             except ValueError:
                 bad.append(f"mpp {get['mpp']!r} is not a number (um/px)")
             else:
-                if not (math.isfinite(mpp) and 0 < mpp <= MAX_MPP):
-                    hint = " (that looks like a magnification; um/px at 40x is about 0.25)" if mpp > MAX_MPP else ""
-                    bad.append(f"mpp {get['mpp']} is not an um/px in (0, {MAX_MPP:g}]{hint}")
+                if mpp_problem(mpp):
+                    bad.append(f"mpp: {mpp_problem(mpp)}")
                     mpp = None
         weights = _resolve(base, get["weights"]) if get.get("weights") else None
         bounds: bool | None = None
@@ -560,7 +555,7 @@ class FileLock:
 
     # -- acquire / release -----------------------------------------------------------------------
     def _create(self, content: bytes) -> bool:
-        tmp = self.path.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{self.path.name}")
+        tmp = temp_path_for(self.path)
         try:
             with open(tmp, "xb") as f:
                 f.write(content)
@@ -587,7 +582,7 @@ class FileLock:
 
     def _break(self, raw: bytes) -> None:
         """Remove a stale lock whose content was ``raw``, without removing a fresh one by mistake."""
-        aside = self.path.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{self.path.name}")
+        aside = temp_path_for(self.path)
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -679,8 +674,8 @@ def remove_temporaries(out_dir: str | os.PathLike, names: set[str]) -> list[Path
     except FileNotFoundError:
         return removed
     for e in entries:
-        m = _TMP_RE.match(e.name)
-        if m and m.group("name") in names:
+        info = parse_temporary(e.name)
+        if info and info.name in names:
             _remove(Path(e.path))
             removed.append(Path(e.path))
     return removed
@@ -859,21 +854,9 @@ def process_row(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: _Mo
         lock.release()
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SLURM sends SIGTERM before SIGKILL: turn it into KeyboardInterrupt so temporaries and locks go."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+def _sigterm_as_interrupt():
+    """SLURM sends SIGTERM before SIGKILL: handled like Ctrl-C so temporaries and locks go (and SIGHUP)."""
+    return signals_as_interrupt()
 
 
 def _in_flight(opts: BatchOptions) -> int:

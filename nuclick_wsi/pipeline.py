@@ -20,17 +20,19 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import cKDTree
 
 from . import __version__
 from .annotations import read_prompts, write_asap, write_geoparquet, write_qupath
 from .atomic import _remove, atomic_output, ensure_writable_dir, replace, temp_path_for
+from .duplicates import duplicate_of
 from .engine import Predictor, Timer, background
 from .errors import NuclickError
 from .export import deterministic_uuid, trace_mask
 from .glands import GlandRun, add_to_report, check_squiggles, resolve_models
 from .guidance import ExclusionIndex, Region, effective_scale, patch_origin, plan_regions
 from .models.weights import LoadedModel
+from .outputs import safety
+from .outputs.temporaries import remove_orphans
 from .postprocess import PostParams, instance_from_probability
 from .records import Instance, Prompts, outcome
 from .slide import SlideSource, open_slide, require_mpp
@@ -123,12 +125,10 @@ def check_clicks(prompts: Prompts, slide: SlideSource, duplicate_px: float) -> l
         reasons[k] = f"outside the slide ({slide.width} x {slide.height} px)"
     inside = np.flatnonzero(~outside)
     if len(inside) > 1 and duplicate_px > 0:
-        tree = cKDTree(np.stack([xs[inside], ys[inside]], axis=1))
-        for i, j in sorted(tree.query_pairs(duplicate_px)):
-            a, b = inside[i], inside[j]
-            if reasons[a] is None and reasons[b] is None:
-                # "duplicate (...)": the report groups skipped clicks by the text before " ("
-                reasons[b] = f"duplicate (of click {a}, within {duplicate_px:g} px)"
+        of = duplicate_of(xs[inside], ys[inside], duplicate_px)  # O(n) memory (a grid), however crowded
+        for j in np.flatnonzero(of >= 0):
+            # "duplicate (...)": the report groups skipped clicks by the text before " ("
+            reasons[inside[j]] = f"duplicate (of click {inside[of[j]]}, within {duplicate_px:g} px)"
     return reasons
 
 
@@ -343,7 +343,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     if opts.object_type not in OBJECT_TYPES:
         raise NuclickError(f"unknown object type {opts.object_type!r} (choose from {', '.join(OBJECT_TYPES)})")
     t_start = time.perf_counter()
-    stem = stem or slide_stem(slide_path)
+    stem = safety.check_stem(stem or slide_stem(slide_path))
     paths = output_paths(out_dir, stem, opts.formats, opts.gzip)
     prompts = read_prompts(points_path, squiggle_groups=opts.squiggle_groups or None)
     # glands (squiggles): models, paths and run in glands.py; with no clicks the nucleus run is empty
@@ -352,6 +352,9 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                                         gland_model=gland_model, gland_weights=gland_weights)
     paths = output_paths(out_dir, stem, opts.formats, opts.gzip, glands=gland_model is not None)
     model = model or gland_model
+    stale = safety.stale_outputs(paths["report"], paths.values())  # only what an earlier run wrote
+    safety.refuse_overlap({"slide": slide_path, "clicks file": points_path, "weights": safety.local_file(weights),
+                           "gland weights": safety.local_file(gland_weights)}, [*paths.values(), *stale])
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
@@ -366,6 +369,9 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
         if opts.roi:
             reasons = roi_reasons(prompts, reasons, points_path)
         ensure_writable_dir(Path(out_dir))
+        remove_orphans(out_dir)  # temporaries of killed runs (their owner is gone)
+        safety.check_free_space(Path(out_dir), safety.expected_bytes(len(reasons) + len(sq_reasons), opts.formats,
+                                                                   _chunks_touched(prompts, opts.chunk)))
         predictor = predictor or Predictor(model, opts.device, opts.precision)
         run = _Run(slide, prompts, model, predictor, opts if opts.task != "gland" else replace_fields(
             opts, threshold=None, min_object_px=None, min_hole_px=None), stem, mpp)
@@ -406,10 +412,14 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             _remove(paths["report"])
             for key in [k for k in temps if k != "report"] + ["report"]:
                 replace(temps[key], paths[key])
-            _remove_stale_outputs(Path(out_dir), stem, set(paths.values()))
-        except BaseException:
+            for old in stale:
+                _remove(old)
+        except BaseException as exc:
             for tmp in temps.values():
                 _remove(tmp)
+            full = safety.disk_full(exc, out_dir)
+            if full is not None:
+                raise full from exc
             raise
         finally:
             if progress is not None:
@@ -419,19 +429,11 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     return SegmentResult(outputs=paths, report=report)
 
 
-def _remove_stale_outputs(out: Path, stem: str, keep: set[Path]) -> None:
-    """Remove polygon files of this stem that an earlier run wrote in another format (or gzipped or not).
-
-    After a run the folder describes that run only: a stale ``S.xml`` beside a new ``S.geojson``
-    would show outlines of other clicks.
-    """
-    for fmt, ext in FORMATS.items():
-        for cand in (out / f"{stem}{ext}", out / f"{stem}{ext}.gz"):
-            if cand not in keep and cand.is_file():
-                cand.unlink()
-    glands = out / f"{stem}.glands.zarr"  # from an earlier run whose file had squiggles
-    if glands not in keep and glands.is_dir():
-        _remove(glands)
+def _chunks_touched(prompts: Prompts, chunk: int) -> int:
+    """Label-store chunks that may hold an instance (one per distinct chunk of a click or squiggle point)."""
+    cells = {(math.floor(c.x / chunk), math.floor(c.y / chunk)) for c in prompts.clicks
+             if math.isfinite(c.x) and math.isfinite(c.y)}
+    return len(cells) + 4 * len(prompts.squiggles)
 
 
 def _write_polygons(instances: list[Instance], temps: dict[str, Path], opts: SegmentOptions, mpp: float) -> None:

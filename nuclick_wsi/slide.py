@@ -41,6 +41,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 
 from nuclick_wsi.errors import ResolutionError, SlideError
+from nuclick_wsi.outputs.limits import MPP_RANGE, mpp_problem
 
 __all__ = [
     "AUTO_ORDER",
@@ -61,7 +62,7 @@ LEVEL_TOLERANCE = 0.01
 """Relative slack when picking a pyramid level: a level whose downsample exceeds the wanted
 one by at most this fraction still counts (e.g. an Aperio level at 4.0003 for 4.0)."""
 
-MPP_PLAUSIBLE_RANGE = (0.01, 25.0)
+MPP_PLAUSIBLE_RANGE = MPP_RANGE  # the one range of segment, batch and the readers (outputs.limits)
 """um/px values from a file outside this range are treated as unknown (72 dpi = 352.8 um/px
 is a typical placeholder written by image libraries, not a microscope resolution)."""
 
@@ -929,9 +930,9 @@ def _rational(tag: Any) -> float | None:
 
 
 def _check_given_mpp(mpp: float) -> None:
-    """Raise ResolutionError unless ``mpp`` is a positive finite number."""
-    if not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
-        raise ResolutionError(f"--mpp must be a positive number of um/px, got {mpp!r}")
+    """Raise ResolutionError unless ``mpp`` is a plausible um/px (:data:`MPP_RANGE`)."""
+    if mpp_problem(mpp):
+        raise ResolutionError(f"--mpp: {mpp_problem(mpp)}")
 
 
 def _settle_mpp(source: PyramidSource, given: float | None) -> None:
@@ -1095,7 +1096,34 @@ def _check_path(path: Path) -> None:
     if not path.exists():
         raise SlideError(f"cannot open slide {path}: file not found")
     if path.is_dir():
-        raise SlideError(f"cannot open slide {path}: is a directory, not a slide file")
+        zarr = any((path / m).exists() for m in (".zgroup", ".zattrs", "zarr.json"))
+        raise SlideError(f"cannot open slide {path}: " + ("an OME-Zarr folder: opened by TIAToolbox's reader "
+                         "(pip install 'nuclick-wsi[tiatoolbox]', --reader auto or tiatoolbox)" if zarr
+                         else "is a directory, not a slide file"))
+    truncated = _tiff_truncated(path)
+    if truncated:
+        raise SlideError(f"cannot open slide {path}: {truncated}")
+
+
+def _tiff_truncated(path: Path) -> str | None:
+    """Why a TIFF (SVS, NDPI...) is cut short: its first directory lies past the end of the file."""
+    import struct
+
+    head = _read_head(path)
+    size = path.stat().st_size
+    try:
+        if head[:4] in (b"II*\0", b"MM\0*"):
+            first = struct.unpack(("<" if head[:1] == b"I" else ">") + "I", head[4:8])[0]
+        elif head[:4] in (b"II+\0", b"MM\0+"):
+            first = struct.unpack(("<" if head[:1] == b"I" else ">") + "Q", head[8:16])[0]
+        else:
+            return None
+    except struct.error:
+        return f"truncated TIFF ({size} bytes, the header is incomplete)"
+    if first + 2 > size:
+        return (f"truncated TIFF: its first image directory is at byte {first} but the file ends at byte {size} "
+                "(an interrupted copy or download?)")
+    return None
 
 
 def _candidates(path: Path, reader: str) -> list[str]:

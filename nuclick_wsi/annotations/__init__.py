@@ -40,7 +40,8 @@ _XML_SKIP = re.compile(rb"<\?.*?\?>|<!--.*?-->|<!DOCTYPE(?:[^\[>]|\[.*?\])*>", r
 def detect_format(path: str | os.PathLike) -> str:
     """Recognise an annotation file from its content.
 
-    Gzip and zip (magic bytes) and text starting with ``{`` or ``[`` are QuPath GeoJSON; text
+    Gzip and zip (magic bytes), text starting with ``{`` or ``[`` and any non-XML ``.geojson`` /
+    ``.json`` are QuPath GeoJSON; text
     starting with ``<`` is XML, told apart by its root element (``ASAP_Annotations`` -> "asap",
     ``Annotations`` -> "imagescope"); anything else is CSV.
 
@@ -61,8 +62,8 @@ def detect_format(path: str | os.PathLike) -> str:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text:
         raise AnnotationError(f"{path}: empty file")
-    if text[:1] in (b"{", b"["):
-        return "qupath"
+    if text[:1] in (b"{", b"[") or (text[:1] != b"<" and path.suffix.lower() in (".geojson", ".json")):
+        return "qupath"  # a .geojson holding a JSON number or string is a GeoJSON error, not a CSV one
     if text[:1] == b"<":
         m = _XML_ROOT.search(_XML_SKIP.sub(b"", text))
         tag = m.group(1).decode("ascii", "replace") if m else None

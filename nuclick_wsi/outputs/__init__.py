@@ -1,0 +1,1 @@
+"""Output safety: names, temporaries, input protection, limits and signals (see each module)."""
