@@ -1106,22 +1106,42 @@ def _check_path(path: Path) -> None:
 
 
 def _tiff_truncated(path: Path) -> str | None:
-    """Why a TIFF (SVS, NDPI...) is cut short: its first directory lies past the end of the file."""
+    """Why a TIFF (SVS, NDPI...) is cut short: an image directory or image data past the end of the file."""
     import struct
 
     head = _read_head(path)
     size = path.stat().st_size
+    big = head[2:4] in (b"+\0", b"\0+")
+    if head[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return None
+    end = "<" if head[:1] == b"I" else ">"
+    count_fmt, entry, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    with open(path, "rb") as fh:
+        raw = fh.read(16)
+        ifd = struct.unpack(end + off_fmt, raw[8:16] if big else raw[4:8])[0] if len(raw) >= (16 if big else 8) else size
+        for _ in range(4096):  # walk the chain of image directories
+            if ifd == 0:
+                break
+            fh.seek(ifd)
+            got = fh.read(struct.calcsize(count_fmt))
+            if ifd >= size or len(got) < struct.calcsize(count_fmt):
+                return (f"truncated TIFF: an image directory is at byte {ifd} but the file ends at byte {size} "
+                        "(an interrupted copy or download?)")
+            n = struct.unpack(end + count_fmt, got)[0]
+            fh.seek(ifd + len(got) + n * entry)
+            nxt = fh.read(struct.calcsize(off_fmt))
+            if len(nxt) < struct.calcsize(off_fmt):
+                return f"truncated TIFF: the image directory at byte {ifd} runs past the end of the file ({size} bytes)"
+            ifd = struct.unpack(end + off_fmt, nxt)[0]
     try:
-        if head[:4] in (b"II*\0", b"MM\0*"):
-            first = struct.unpack(("<" if head[:1] == b"I" else ">") + "I", head[4:8])[0]
-        elif head[:4] in (b"II+\0", b"MM\0+"):
-            first = struct.unpack(("<" if head[:1] == b"I" else ">") + "Q", head[8:16])[0]
-        else:
-            return None
-    except struct.error:
-        return f"truncated TIFF ({size} bytes, the header is incomplete)"
-    if first + 2 > size:
-        return (f"truncated TIFF: its first image directory is at byte {first} but the file ends at byte {size} "
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            end = max((o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+    except Exception:  # noqa: BLE001 - the readers say what else is wrong
+        return None
+    if end > size:
+        return (f"truncated TIFF: its image data reach byte {end} but the file ends at byte {size} "
                 "(an interrupted copy or download?)")
     return None
 

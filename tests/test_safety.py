@@ -1,0 +1,298 @@
+"""Issue 12: a user's files are never lost, outputs never half-written (cases 1, 2, 4, 5).
+
+Crash safety (case 3: kill -9 / SIGTERM mid-run) is in test_crash.py; hostile inputs in
+test_hostile_inputs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy.spatial import cKDTree
+
+from conftest import disk_model, write_tiff_slide
+from nuclick_wsi.cli import main
+from nuclick_wsi.errors import NuclickError, OutputError, ResolutionError, SlideError
+from nuclick_wsi.pipeline import SegmentOptions, segment
+from test_cohort import make_weights
+
+CLICKS = [(100.5, 100.5), (300.5, 200.5), (200.5, 300.5)]
+
+
+def asap_clicks(path: Path, clicks=CLICKS) -> Path:
+    dots = "".join(f'<Annotation Name="c{k}" Type="Dot" PartOfGroup="None" Color="#F4FA58"><Coordinates>'
+                   f'<Coordinate Order="0" X="{x}" Y="{y}"/></Coordinates></Annotation>' for k, (x, y) in enumerate(clicks))
+    path.write_text(f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{dots}</Annotations>'
+                    "<AnnotationGroups/></ASAP_Annotations>\n")
+    return path
+
+
+def geojson_clicks(path: Path, clicks=CLICKS) -> Path:
+    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [x, y]}, "properties": {}}
+             for x, y in clicks]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path
+
+
+def run(slide, points, out, *formats, **kw):
+    opts = SegmentOptions(progress=False, device="cpu", formats=formats or ("qupath",))
+    return segment(slide, points, out, options=opts, model=disk_model(5.5), **kw)
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def d(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_tiff_slide(folder / "S.tif", 512, 512, 0.25)
+    return folder
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+# --- case 1: inputs are sacred ------------------------------------------------------------------
+
+
+def test_asap_layout_clicks_beside_the_slide_are_not_overwritten(d):
+    """``<slide>.xml`` beside the slide, -o the same folder, --format asap: refused, file intact."""
+    clicks = asap_clicks(d / "S.xml")
+    before = snapshot(d)
+    with pytest.raises(OutputError) as err:
+        run(d / "S.tif", clicks, d, "asap")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.count(str(clicks)) == 2  # names the output and the input (the same path)
+    assert snapshot(d) == before
+
+
+def test_geojson_clicks_named_like_the_output_are_refused(d, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    clicks = geojson_clicks(out / "S.geojson")
+    link = tmp_path / "link.geojson"
+    link.symlink_to(clicks)  # the real path counts, not the name given
+    before = snapshot(out)
+    for given in (clicks, link):
+        with pytest.raises(OutputError, match="would overwrite the clicks file"):
+            run(d / "S.tif", given, out)
+    assert snapshot(out) == before
+
+
+def test_clicks_with_another_formats_name_survive_stale_cleanup(d):
+    """ASAP clicks ``S.xml`` and QuPath output into the same folder: the run works, S.xml stays."""
+    clicks = asap_clicks(d / "S.xml")
+    data = clicks.read_bytes()
+    res = run(d / "S.tif", clicks, d, "qupath")
+    assert res.report["totals"]["segmented"] == 3
+    assert clicks.read_bytes() == data
+
+
+def test_stale_cleanup_removes_only_what_this_tool_wrote(d, tmp_path):
+    clicks = geojson_clicks(tmp_path / "clicks.geojson")
+    out = tmp_path / "out"
+    # a user's S.xml that no run wrote: kept
+    out.mkdir()
+    (out / "S.xml").write_text("<mine/>")
+    run(d / "S.tif", clicks, out, "qupath")
+    assert (out / "S.xml").read_text() == "<mine/>"
+    (out / "S.xml").unlink()
+    # an S.xml an earlier run wrote (its report lists it): removed when the format changes
+    run(d / "S.tif", clicks, out, "asap")
+    run(d / "S.tif", clicks, out, "qupath")
+    assert not (out / "S.xml").exists() and (out / "S.geojson").is_file()
+    # written by a run, then edited by the user (newer than the report): kept
+    run(d / "S.tif", clicks, out, "asap")
+    later = time.time() + 5
+    os.utime(out / "S.xml", (later, later))
+    run(d / "S.tif", clicks, out, "qupath")
+    assert (out / "S.xml").is_file()
+
+
+def test_output_folder_inside_a_folder_input_is_refused(tmp_path):
+    slide_dir = tmp_path / "S.labels.zarr"  # an input that is a folder with an output's name
+    slide_dir.mkdir()
+    (slide_dir / "keep.txt").write_text("x")
+    write_tiff_slide(tmp_path / "S.tif", 256, 256, 0.25)
+    clicks = geojson_clicks(slide_dir / "c.geojson", [(10.5, 10.5)])
+    with pytest.raises(OutputError, match="would overwrite the clicks file"):
+        run(tmp_path / "S.tif", clicks, tmp_path)
+    assert sorted(p.name for p in slide_dir.iterdir()) == ["c.geojson", "keep.txt"]
+
+
+# --- case 2: output names are plain file names ----------------------------------------------------
+
+
+def test_segment_stem_must_be_a_plain_name(tmp_path, d):
+    victim = tmp_path / "b"
+    victim.mkdir()
+    (victim / "victim.xml").write_text("<victim/>")
+    (victim / "victim.glands.zarr").mkdir()
+    weights = make_weights(tmp_path / "w.pt")
+    clicks = tmp_path / "c.csv"
+    clicks.write_text("x,y\n100,100\n")
+    before = snapshot(tmp_path)
+    a = tmp_path / "a"
+    for stem in ("../b/victim", "..", str(victim / "victim"), "sub\\x", ".hidden"):
+        res = cli("segment", d / "S.tif", "-p", clicks, "-o", a, "--stem", stem, "--weights", weights, "-q",
+                  "--device", "cpu", "--precision", "fp32")
+        assert res.exit_code == 1, (stem, res.output)
+        assert "Error: output stem" in res.output and "\n" not in res.output.strip(), res.output
+    assert snapshot(tmp_path) == before
+
+
+def test_qupath_and_batch_use_the_same_stem_rule():
+    from nuclick_wsi.cohort import _stem_problem as batch_rule  # noqa: PLC2701 - the rule under test
+    from nuclick_wsi.outputs.safety import stem_problem
+
+    for stem in ("a", "slide 1.svs", "../x", "/abs", "a/b", "a\\b", "..", ".x", "a\x01"):
+        assert (batch_rule(stem) is None) == (stem_problem(stem) is None), stem
+
+
+# --- case 4: duplicate clicks in O(n) memory -------------------------------------------------------
+
+
+def _old_rule(xs, ys, r):
+    """The duplicate rule segment always had (every pair within r; later of an unmarked pair)."""
+    of = np.full(len(xs), -1)
+    for i, j in sorted(cKDTree(np.stack([xs, ys], 1)).query_pairs(r)):
+        if of[i] < 0 and of[j] < 0:
+            of[j] = i
+    return of
+
+
+def test_duplicates_match_the_old_rule_on_random_clicks():
+    from nuclick_wsi.duplicates import duplicate_of
+
+    rng = np.random.default_rng(12)
+    for t in range(200):
+        n = int(rng.integers(0, 300))
+        span = float(rng.choice([4, 30, 500]))
+        xs, ys = rng.uniform(0, span, n), rng.uniform(0, span, n)
+        if t % 3 == 0:
+            xs, ys = np.round(xs), np.round(ys)  # distances exactly at the radius
+        r = float(rng.choice([0.7, 2.0, 3.5]))
+        np.testing.assert_array_equal(duplicate_of(xs, ys, r), _old_rule(xs, ys, r))
+
+
+_CROWD = """
+import resource, sys, numpy as np
+from types import SimpleNamespace
+from nuclick_wsi.pipeline import check_clicks
+from nuclick_wsi.records import Click, Prompts
+n = int(sys.argv[1])
+prompts = Prompts(clicks=[Click(x=50.0, y=50.0) for _ in range(n)])
+slide = SimpleNamespace(width=1000, height=1000)
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # 1 GiB more, at most
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reasons = check_clicks(prompts, slide, 2.0)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(sum(r is None for r in reasons), sum(r is not None and r.startswith("duplicate (of click 0") for r in reasons), grew)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc needed to bound memory")
+def test_many_clicks_at_one_spot_fit_in_memory():
+    n = 20_000  # 2 * 10^8 pairs: tens of GB as a pair list
+    res = subprocess.run([sys.executable, "-c", _CROWD, str(n)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    kept, dup, grew_kib = map(int, res.stdout.split())
+    assert (kept, dup) == (1, n - 1)
+    assert grew_kib < 200 * 1024
+
+
+# --- case 5 ---------------------------------------------------------------------------------------
+
+
+def test_one_mpp_range_for_segment_batch_and_readers(d, tmp_path):
+    from nuclick_wsi.cohort import read_manifest
+    from nuclick_wsi.slide import open_slide
+
+    clicks = geojson_clicks(tmp_path / "c.geojson")
+    with pytest.raises(ResolutionError, match="outside the plausible"):
+        segment(d / "S.tif", clicks, tmp_path / "o", model=disk_model(), options=SegmentOptions(mpp=1e6, progress=False))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ResolutionError):
+        open_slide(d / "S.tif", mpp=30.0)
+    assert open_slide(d / "S.tif", mpp=22.0).mpp == 22.0  # within the readers' range ...
+    man = tmp_path / "m.csv"
+    man.write_text(f"slide,points,mpp\n{d / 'S.tif'},{clicks},22\n")
+    assert read_manifest(man).rows[0].mpp == 22.0  # ... so within batch's too
+    man.write_text(f"slide,points,mpp\n{d / 'S.tif'},{clicks},30\n")
+    with pytest.raises(NuclickError, match="outside the plausible"):
+        read_manifest(man)
+
+
+def test_cli_accepts_a_slide_folder_and_the_readers_decide(tmp_path):
+    zarr = tmp_path / "S.ome.zarr"
+    zarr.mkdir()
+    (zarr / ".zattrs").write_text("{}")
+    (zarr / ".zgroup").write_text('{"zarr_format": 2}')
+    clicks = geojson_clicks(tmp_path / "c.geojson")
+    res = cli("segment", zarr, "-p", clicks, "-o", tmp_path / "o", "-q")
+    assert res.exit_code == 1, res.output  # not click's "is a directory" usage error (2)
+    assert f"cannot open slide {zarr}" in res.output and "OME-Zarr" in res.output
+
+
+def test_a_geojson_scalar_is_a_geojson_error(tmp_path):
+    from nuclick_wsi.annotations import read_prompts
+
+    for text in ("42", '"clicks"', "null", "true"):
+        path = tmp_path / "c.geojson"
+        path.write_text(text + "\n")
+        with pytest.raises(NuclickError, match=rf"{path}: not GeoJSON"):
+            read_prompts(path)
+
+
+def _assert_truncated(cut: Path) -> None:
+    from nuclick_wsi.slide import open_slide
+
+    with pytest.raises(SlideError) as err:
+        open_slide(cut, mpp=0.25)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot open slide {cut}: truncated TIFF") and "\n" not in msg, msg
+
+
+def test_truncated_tiff_names_the_file(tmp_path):
+    full = write_tiff_slide(tmp_path / "full.tif", 1024, 1024, 0.25)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])  # image data past the end
+    _assert_truncated(cut)
+    svs_like = tmp_path / "cut.svs"  # the first image directory past the end (SVS keep theirs at the back)
+    svs_like.write_bytes(b"II*\0" + (1_000_000).to_bytes(4, "little") + bytes(5000))
+    _assert_truncated(svs_like)
+
+
+def test_truncated_svs_names_the_file(tmp_path, shared_data):
+    svs = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    for size in (100_000, 1_500_000):
+        cut = tmp_path / f"cut{size}.svs"
+        cut.write_bytes(svs.read_bytes()[:size])
+        _assert_truncated(cut)
+
+
+def test_full_disk_is_refused_before_any_work(d, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from nuclick_wsi.outputs import safety
+
+    clicks = geojson_clicks(tmp_path / "c.geojson")
+    out = tmp_path / "out"
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    with pytest.raises(OutputError, match=f"output folder {out}: 0.0 MiB free, the outputs need about"):
+        run(d / "S.tif", clicks, out)
+    assert list(out.iterdir()) == []
