@@ -14,7 +14,7 @@ from ..errors import AnnotationError
 from ..records import Prompts
 from . import asap, imagescope, qupath
 from . import csv as csv_clicks
-from ._common import GZIP_MAGIC, ZIP_MAGIC, check_exists, default_color, parse_xml, read_head
+from ._common import GEOJSON_SUFFIXES, GZIP_MAGIC, ZIP_MAGIC, check_exists, default_color, parse_xml, read_head
 from .asap import read_asap_polygons, write_asap
 from .geoparquet import write_geoparquet
 from .imagescope import read_imagescope_polygons
@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 FORMATS = ("qupath", "asap", "imagescope", "csv")
+_JSON_SCALAR = re.compile(rb'^(?:-?[0-9][0-9.eE+-]*|"(?:[^"\\]|\\.)*"|true|false|null)\s*$')
 _XML_ROOT = re.compile(rb"<\s*([A-Za-z_][\w.:-]*)")
 _XML_SKIP = re.compile(rb"<\?.*?\?>|<!--.*?-->|<!DOCTYPE(?:[^\[>]|\[.*?\])*>", re.S)
 
@@ -40,8 +41,8 @@ _XML_SKIP = re.compile(rb"<\?.*?\?>|<!--.*?-->|<!DOCTYPE(?:[^\[>]|\[.*?\])*>", r
 def detect_format(path: str | os.PathLike) -> str:
     """Recognise an annotation file from its content.
 
-    Gzip and zip (magic bytes), text starting with ``{`` or ``[`` and any non-XML ``.geojson`` /
-    ``.json`` are QuPath GeoJSON; text
+    Gzip and zip (magic bytes), text starting with ``{`` or ``[`` and a ``.geojson`` / ``.json``
+    holding one JSON number, string or literal are QuPath GeoJSON; text
     starting with ``<`` is XML, told apart by its root element (``ASAP_Annotations`` -> "asap",
     ``Annotations`` -> "imagescope"); anything else is CSV.
 
@@ -62,7 +63,7 @@ def detect_format(path: str | os.PathLike) -> str:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text:
         raise AnnotationError(f"{path}: empty file")
-    if text[:1] in (b"{", b"[") or (text[:1] != b"<" and path.suffix.lower() in (".geojson", ".json")):
+    if text[:1] in (b"{", b"[") or (path.suffix.lower() in GEOJSON_SUFFIXES and _JSON_SCALAR.match(text)):
         return "qupath"  # a .geojson holding a JSON number or string is a GeoJSON error, not a CSV one
     if text[:1] == b"<":
         m = _XML_ROOT.search(_XML_SKIP.sub(b"", text))
