@@ -57,7 +57,7 @@ from typing import Any
 from .atomic import _remove, atomic_output, ensure_writable_dir, temp_path_for
 from .errors import NuclickError, OutputError
 from .outputs.limits import MPP_RANGE, mpp_problem
-from .outputs.safety import stem_problem
+from .outputs.safety import refuse_input_among, stem_problem
 from .outputs.signals import signals_as_interrupt
 from .outputs.temporaries import parse as parse_temporary
 from .pipeline import FORMATS, SegmentOptions, output_paths, outputs_complete, segment, slide_stem
@@ -896,6 +896,8 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     opts = options or BatchOptions()
     man = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     rows = select_rows(man, only=opts.only, task_index=opts.task_index, rows_per_task=opts.rows_per_task)
+    refuse_input_among("manifest", man.path, out_dir, {SUMMARY_NAME, f"{SUMMARY_NAME}{LOCK_SUFFIX}"}.union(
+        *(stem_file_names(r.stem) for r in man.rows)))  # the summary or a row's outputs over the manifest
     out = ensure_writable_dir(out_dir)
     models = _Models(opts, model)
     say = log or (lambda _m: None)

@@ -296,3 +296,49 @@ def test_full_disk_is_refused_before_any_work(d, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=f"output folder {out}: 0.0 MiB free, the outputs need about"):
         run(d / "S.tif", clicks, out)
     assert list(out.iterdir()) == []
+
+
+def test_batch_summary_never_overwrites_the_manifest(tmp_path):
+    from nuclick_wsi.cohort import BatchOptions, run_batch
+    from test_cohort import make_cohort
+
+    manifest = make_cohort(tmp_path, n=1, clicks=2, name="batch-summary.csv")
+    before = manifest.read_bytes()
+    with pytest.raises(OutputError, match=f"would overwrite the manifest {manifest}"):
+        run_batch(manifest, tmp_path, BatchOptions(segment=SegmentOptions(progress=False)))
+    assert manifest.read_bytes() == before
+
+
+# --- case 3 (unit): temporaries carry their owner; only those of gone owners are removed --------------
+
+
+def test_only_temporaries_of_gone_owners_are_removed(tmp_path):
+    from nuclick_wsi.outputs.temporaries import HOST, TMP_MARK, parse, remove_orphans, temp_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "mine": temp_name("S.geojson"),
+            "live": f"{TMP_MARK}0123abcd.{live.pid}@{HOST}~S.xml",
+            "dead": f"{TMP_MARK}0123abcd.{dead.pid}@{HOST}~S.labels.zarr",
+            "foreign": f"{TMP_MARK}0123abcd.{dead.pid}@other-host.example~S.parquet",
+            "foreign-old": f"{TMP_MARK}0123abcd.1@other-host.example~S.report.json",
+            "legacy-old": f"{TMP_MARK}0123abcd-S.geojson.gz",
+        }
+        for key, name in names.items():
+            (tmp_path / name).mkdir() if name.endswith(".zarr") else (tmp_path / name).write_text(key)
+        (tmp_path / "S.geojson").write_text("an output")
+        old = time.time() - 3 * 24 * 3600
+        for key in ("foreign-old", "legacy-old"):
+            os.utime(tmp_path / names[key], (old, old))
+        removed = {p.name for p in remove_orphans(tmp_path)}
+        assert removed == {names["dead"], names["foreign-old"], names["legacy-old"]}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["S.geojson", names["mine"], names["live"], names["foreign"]])
+        info = parse(f"{TMP_MARK}0123abcd.7@h~{names['live']}")  # a temporary of a temporary
+        assert (info.name, info.pid, info.host) == ("S.xml", 7, "h")
+    finally:
+        live.kill()
+        live.wait()

@@ -70,6 +70,13 @@ def refuse_overlap(inputs: Mapping[str, str | os.PathLike | None], outputs: Iter
                                   "choose another output folder or --stem")
 
 
+def refuse_input_among(role: str, given: str | os.PathLike, folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Raise :class:`OutputError` when input ``given`` lies in ``folder`` under one of the output ``names``."""
+    if real(given).parent == real(folder) and Path(given).name in set(names):
+        raise OutputError(f"output {Path(folder) / Path(given).name} would overwrite the {role} {given}; "
+                          "choose another output folder")
+
+
 def local_file(spec: str | os.PathLike | None) -> Path | None:
     """``spec`` as a path when it names an existing file or folder (weights may be ``tiatoolbox:...``)."""
     if spec is None:
