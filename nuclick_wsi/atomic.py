@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
-from .outputs.temporaries import TMP_MARK, remove_orphans, temp_name  # noqa: F401 (TMP_MARK re-exported)
+from .outputs.temporaries import TMP_MARK, remove_orphans, remove_path, temp_name
+
+__all__ = ["TMP_MARK", "atomic_output", "cleanup_temporaries", "ensure_writable_dir", "replace", "temp_path_for"]
 
 
 def temp_path_for(final: Path) -> Path:
@@ -18,11 +19,7 @@ def temp_path_for(final: Path) -> Path:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    remove_path(path)
 
 
 def ensure_writable_dir(folder: str | os.PathLike) -> Path:
