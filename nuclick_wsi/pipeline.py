@@ -353,7 +353,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     paths = output_paths(out_dir, stem, opts.formats, opts.gzip, glands=gland_model is not None)
     model = model or gland_model
     stale = safety.stale_outputs(paths["report"], paths.values())  # only what an earlier run wrote
-    safety.refuse_overlap({"slide": slide_path, "clicks file": points_path, "weights": safety.local_file(weights),
+    safety.refuse_overlap({"slide": slide_path, "clicks file": points_path,  # weights given or loaded (batch)
+                           "weights": safety.local_file(weights) or safety.local_file(getattr(model, "source", None)),
                            "gland weights": safety.local_file(gland_weights)}, [*paths.values(), *stale])
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:

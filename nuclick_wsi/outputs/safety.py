@@ -81,8 +81,11 @@ def local_file(spec: str | os.PathLike | None) -> Path | None:
     """``spec`` as a path when it names an existing file or folder (weights may be ``tiatoolbox:...``)."""
     if spec is None:
         return None
-    p = Path(spec)
-    return p if p.exists() else None
+    try:
+        p = Path(spec)
+        return p if p.exists() else None
+    except (OSError, ValueError, TypeError):  # a name too long, a NUL: not a file
+        return None
 
 
 def stale_outputs(report: Path, keep: Iterable[Path]) -> list[Path]:
