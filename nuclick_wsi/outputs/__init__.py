@@ -1,1 +1,1 @@
-"""Output safety: names, temporaries, input protection, limits and signals (see each module)."""
+"""Outputs: paths, commit, report; safety (output names, inputs never touched, stale outputs, free space); signals."""

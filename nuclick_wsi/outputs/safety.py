@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..errors import OutputError
+from nuclick_wsi.errors import OutputError
 
 #: bytes per click in each polygon format, and in the report (about twice those measured on 3,000 nuclei)
 BYTES_PER_CLICK = {"qupath": 1500, "asap": 3000, "geoparquet": 800, "report": 600}
