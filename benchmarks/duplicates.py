@@ -22,7 +22,7 @@ import sys
 CASE = """
 import json, resource, sys, time
 from types import SimpleNamespace
-from nuclick_wsi.pipeline import check_clicks
+from nuclick_wsi.guidance.clicks import check_clicks
 from nuclick_wsi.records import Click, Prompts
 n = int(sys.argv[1])
 prompts = Prompts(clicks=[Click(x=5000.5, y=5000.5) for _ in range(n)])
@@ -61,8 +61,8 @@ def whole_segment(n: int) -> dict:
     import tifffile
     import torch
 
-    from nuclick_wsi.models.unet import LightUNet
-    from nuclick_wsi.models.weights import save_checkpoint
+    from nuclick_wsi.model.architectures.unet import LightUNet
+    from nuclick_wsi.model.weights import save_checkpoint
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

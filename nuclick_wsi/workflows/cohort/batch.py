@@ -123,6 +123,12 @@ def _in_flight(opts: BatchOptions) -> int:
         return 1
 
 
+def refuse_manifest_overwrite(man: Manifest, out_dir: str | os.PathLike) -> None:
+    """Raise OutputError when the summary or a row's outputs would overwrite the manifest itself."""
+    names = {SUMMARY_NAME, f"{SUMMARY_NAME}{LOCK_SUFFIX}"}.union(*(stem_file_names(r.stem) for r in man.rows))
+    refuse_input_among("manifest", man.path, out_dir, names)
+
+
 def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike,
               options: BatchOptions | None = None, *, models: Models | None = None,
               log: Callable[[str], None] | None = None) -> BatchResult:
@@ -150,8 +156,7 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     opts = options or BatchOptions()
     man = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     rows = select_rows(man, only=opts.only, task_index=opts.task_index, rows_per_task=opts.rows_per_task)
-    refuse_input_among("manifest", man.path, out_dir, {SUMMARY_NAME, f"{SUMMARY_NAME}{LOCK_SUFFIX}"}.union(
-        *(stem_file_names(r.stem) for r in man.rows)))  # the summary or a row's outputs over the manifest
+    refuse_manifest_overwrite(man, out_dir)
     out = ensure_writable_dir(out_dir)
     models = models or Models()
     say = log or (lambda _m: None)
