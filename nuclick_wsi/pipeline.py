@@ -12,6 +12,7 @@ committed atomically).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from nuclick_wsi._util.fs import ensure_writable_dir, remove_path, temp_path_for
+from nuclick_wsi._util.fs import cleanup_temporaries, ensure_writable_dir, remove_path, temp_path_for
 from nuclick_wsi.engine.background import Timer
 from nuclick_wsi.engine.clicks import ClickStrategy
 from nuclick_wsi.engine.run import PromptRun
@@ -38,7 +39,8 @@ from nuclick_wsi.model.predictor import Predictor
 from nuclick_wsi.model.weights import LoadedModel
 from nuclick_wsi.outputs.commit import commit_outputs, write_polygons
 from nuclick_wsi.io.annotations.qupath import OBJECT_TYPES
-from nuclick_wsi.outputs.paths import output_paths, remove_stale_outputs, slide_stem
+from nuclick_wsi.outputs import safety
+from nuclick_wsi.outputs.paths import output_paths, slide_stem
 from nuclick_wsi.outputs.report import segment_report
 from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.records import Instance, Prompts
@@ -177,16 +179,24 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     if opts.object_type not in OBJECT_TYPES:
         raise NuclickError(f"unknown object type {opts.object_type!r} (choose from {', '.join(OBJECT_TYPES)})")
     t_start = time.perf_counter()
-    stem = stem or slide_stem(slide_path)
+    stem = safety.check_stem(stem or slide_stem(slide_path))
     output_paths(out_dir, stem, opts.formats, opts.gzip)  # an unknown format fails before any work
     prompts = read_prompts(points_path, squiggle_groups=opts.squiggle_groups or None)
     nuclei_model, gland_model = models.for_prompts(prompts, str(points_path))
     paths = output_paths(out_dir, stem, opts.formats, opts.gzip, glands=gland_model is not None)
+    stale = safety.stale_outputs(paths["report"], paths.values())  # only what an earlier run wrote
+    safety.refuse_overlap({"slide": slide_path, "clicks file": points_path,  # weights given or loaded (batch)
+                           "weights": safety.local_file(getattr(nuclei_model, "source", None)),
+                           "gland weights": safety.local_file(getattr(gland_model, "source", None))},
+                          [*paths.values(), *stale])
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
         reasons, sq_reasons = check_prompts(prompts, slide, points_path, opts)
         ensure_writable_dir(Path(out_dir))
+        cleanup_temporaries(out_dir)  # temporaries of killed runs (their owner is gone)
+        safety.check_free_space(Path(out_dir), safety.expected_bytes(len(reasons) + len(sq_reasons), opts.formats,
+                                                                   chunks_touched(prompts, opts.chunk)))
         timer = Timer()
         nuclei = gland = None
         if nuclei_model is not None:
@@ -196,16 +206,26 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             pred = models.predictor(gland_model, opts.device, opts.precision)
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
                                                first_label=len(prompts.clicks) + 1, timer=timer))
-        report = _run_and_write(slide, prompts, nuclei, gland, paths, Path(out_dir), stem, mpp, opts, timer,
+        report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,
                                 dict(slide_path=slide_path, points_path=points_path, t_start=t_start))
     finally:
         slide.close()
     return SegmentResult(outputs=paths, report=report)
 
 
-def _run_and_write(slide, prompts, nuclei, gland, paths, out_dir: Path, stem: str, mpp: float, opts: SegmentOptions,
-                   timer: Timer, where: dict[str, Any]) -> dict[str, Any]:
-    """Run each kind of prompt into its label store, write the polygons and the report, commit."""
+def chunks_touched(prompts: Prompts, chunk: int) -> int:
+    """Label-store chunks that may hold an instance (one per distinct chunk of a click, 4 per squiggle)."""
+    cells = {(math.floor(c.x / chunk), math.floor(c.y / chunk)) for c in prompts.clicks
+             if math.isfinite(c.x) and math.isfinite(c.y)}
+    return len(cells) + 4 * len(prompts.squiggles)
+
+
+def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem: str, mpp: float,
+                   opts: SegmentOptions, timer: Timer, where: dict[str, Any]) -> dict[str, Any]:
+    """Run each kind of prompt into its label store, write the polygons and the report, commit.
+
+    ``stale``: outputs an earlier run wrote that this one does not (removed once it is committed).
+    """
     temps = {k: temp_path_for(p) for k, p in paths.items()}
 
     def store(key: str, name: str):
@@ -229,9 +249,13 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, out_dir: Path, stem: st
                                 predictor=predictor, paths=paths, timer=timer,
                                 wall=time.perf_counter() - where["t_start"])
         commit_outputs(temps, paths, report)
-        remove_stale_outputs(out_dir, stem, set(paths.values()))
-    except BaseException:
+        for old in stale:
+            remove_path(old)
+    except BaseException as exc:
         for tmp in temps.values():
             remove_path(tmp)
+        full = safety.disk_full(exc, paths["report"].parent)
+        if full is not None:
+            raise full from exc
         raise
     return report

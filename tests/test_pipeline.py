@@ -637,7 +637,7 @@ def test_failure_while_writing_leaves_nothing(small, monkeypatch, rerun):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("nuclick_wsi.outputs.commit.write_qupath", boom)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputError, match=f"output folder {out}: no space left on device"):  # one line, the folder
         run(slide, pts, out, disk_model(5.5))
     assert not [n for n in files_in(out) if n.startswith(TMP_MARK)]
     if rerun:  # the previous complete outputs are untouched

@@ -9,7 +9,9 @@ import click
 
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.io.annotations.qupath import OBJECT_TYPES
+from nuclick_wsi.io.slides.resolution import mpp_problem
 from nuclick_wsi.outputs.paths import POLYGON_SUFFIXES
+from nuclick_wsi.outputs.signals import exit_status, signals_as_interrupt
 
 
 def fail_cleanly(fn):
@@ -18,15 +20,16 @@ def fail_cleanly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals_as_interrupt():  # SIGTERM (SLURM) and SIGHUP: the same clean-up as Ctrl-C
+                return fn(*args, **kwargs)
         except NuclickError as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         except OSError as exc:  # disk full, permissions...: outputs were already cleaned up
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("interrupted; nothing half-written was left", err=True)
-            sys.exit(130)
+            sys.exit(exit_status(exc))
 
     return wrapper
 
@@ -58,10 +61,17 @@ def object_type_option():
                         show_default=True, help="QuPath object type of the results.")
 
 
+def check_mpp(ctx, param, value: float | None) -> float | None:
+    """``--mpp``: the one plausible um/px range of the readers and batch manifests."""
+    if value is not None and mpp_problem(value):
+        raise click.BadParameter(mpp_problem(value))
+    return value
+
+
 def slide_options(fn):
     """Options shared by the commands that read slides."""
     return _apply(fn, [
-        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--mpp", type=float, default=None, callback=check_mpp,
                      help="Level-0 um/px of the slide; overrides the file's value."),
         click.option("--bounds-offset/--no-bounds-offset", default=True, show_default=True,
                      help="Use QuPath's frame for slides with OpenSlide bounds (MRXS...); "

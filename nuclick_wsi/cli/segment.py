@@ -10,7 +10,7 @@ from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, 
 
 
 @click.command()
-@click.argument("slide", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("slide", type=click.Path(path_type=Path))  # a folder: OME-Zarr (the readers decide)
 @click.option("--points", "-p", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Clicks: QuPath GeoJSON, ASAP XML, ImageScope XML or CSV (x,y[,class]).")
 @click.option("--output", "-o", "out_dir", default=Path("."), show_default=True,

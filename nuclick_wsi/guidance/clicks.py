@@ -18,6 +18,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.guidance.duplicates import duplicate_of
 from nuclick_wsi.io.slides.base import SlideSource
 from nuclick_wsi.records import Prompts
 
@@ -116,12 +117,10 @@ def check_clicks(prompts: Prompts, slide: SlideSource, duplicate_px: float) -> l
         reasons[k] = f"outside the slide ({slide.width} x {slide.height} px)"
     inside = np.flatnonzero(~outside)
     if len(inside) > 1 and duplicate_px > 0:
-        tree = cKDTree(np.stack([xs[inside], ys[inside]], axis=1))
-        for i, j in sorted(tree.query_pairs(duplicate_px)):
-            a, b = inside[i], inside[j]
-            if reasons[a] is None and reasons[b] is None:
-                # "duplicate (...)": the report groups skipped clicks by the text before " ("
-                reasons[b] = f"duplicate (of click {a}, within {duplicate_px:g} px)"
+        of = duplicate_of(xs[inside], ys[inside], duplicate_px)  # O(n) memory (a grid), however crowded
+        for j in np.flatnonzero(of >= 0):
+            # "duplicate (...)": the report groups skipped clicks by the text before " ("
+            reasons[inside[j]] = f"duplicate (of click {inside[of[j]]}, within {duplicate_px:g} px)"
     return reasons
 
 

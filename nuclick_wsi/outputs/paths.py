@@ -1,4 +1,4 @@
-"""Output paths of a slide, whether they are complete and fresh, and stale ones to drop."""
+"""Output paths of a slide and whether they are complete and fresh (stale ones: :mod:`nuclick_wsi.outputs.safety`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from nuclick_wsi._util.fs import remove_path
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.store.labels import is_complete
 
@@ -53,17 +52,3 @@ def outputs_fresh(paths: dict[str, Path], inputs: Sequence[Path]) -> bool:
     except OSError:
         return False
 
-
-def remove_stale_outputs(out: Path, stem: str, keep: set[Path]) -> None:
-    """Remove polygon files of this stem that an earlier run wrote in another format (or gzipped or not).
-
-    After a run the folder describes that run only: a stale ``S.xml`` beside a new ``S.geojson``
-    would show outlines of other clicks.
-    """
-    for ext in POLYGON_SUFFIXES.values():
-        for cand in (out / f"{stem}{ext}", out / f"{stem}{ext}.gz"):
-            if cand not in keep and cand.is_file():
-                cand.unlink()
-    glands = out / f"{stem}.glands.zarr"  # from an earlier run whose file had squiggles
-    if glands not in keep and glands.is_dir():
-        remove_path(glands)

@@ -11,8 +11,8 @@ as a Labels layer::
       instances.csv    the instance table (label, prompt_index, class_name, click x/y, centroid, ...)
 
 Level-0 pixel ``[y, x]`` is the label of level-0 slide pixel (x, y) in QuPath's frame; 0 is
-background. ``image-label.source.image`` is ``"../../"`` by default, the place of the parent image
-when the folder is moved into an OME-Zarr image's ``labels/`` group, as the specification lays out.
+background. ``image-label.source`` is left out by default (it would point at an image that does not
+exist); pass ``source_image="../../"`` when the store is put into an OME-Zarr image's ``labels/`` group.
 
 Writing: :meth:`LabelStore.create` on a temporary path (from ``atomic_output``), then
 :meth:`~LabelStore.write_chunk` for each non-empty chunk (several processes may each open the
@@ -157,8 +157,10 @@ def _multiscales(name: str, mpp: float | None, n_levels: int) -> list[dict[str, 
     ]
 
 
-def _image_label(colors: Mapping[int, Sequence[int]] | None, source_image: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": source_image}}
+def _image_label(colors: Mapping[int, Sequence[int]] | None, source_image: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"version": NGFF_VERSION}
+    if source_image:  # only a real image: a path to nothing makes NGFF viewers warn
+        meta["source"] = {"image": source_image}
     if colors:
         meta["colors"] = [
             {"label-value": int(label), "rgba": [int(v) for v in (list(rgb) + [255])[:4]]}
@@ -181,7 +183,7 @@ class LabelStore:
         self.name: str = ours["name"]
         self.mpp: float | None = ours["mpp"]
         self.chunk: int = int(ours["chunk"])
-        self.source_image: str = ours["source_image"]
+        self.source_image: str | None = ours.get("source_image")
         self.level0: zarr.Array = zarr.open_array(group.store, path="0", mode="r+", write_empty_chunks=False)
         self.height, self.width = self.level0.shape
 
@@ -195,7 +197,7 @@ class LabelStore:
         chunk: int = 1024,
         name: str = "nuclei",
         mpp: float | None,
-        source_image: str = "../../",
+        source_image: str | None = None,
     ) -> LabelStore:
         """Create a new, empty store at ``path`` (which must not hold a zarr group or array).
 
@@ -212,7 +214,8 @@ class LabelStore:
         mpp : float or None
             Level-0 micrometres per pixel; None writes pixel units (no ``unit`` on the axes).
         source_image : str
-            ``image-label.source.image``: relative path to the image these labels belong to.
+            ``image-label.source.image``: relative path to the image these labels belong to; None
+            (default): no ``source`` (the slide is not an NGFF image beside the labels).
 
         Returns
         -------

@@ -232,8 +232,12 @@ def test_unknown_and_unavailable_readers(tmp_path, pyramid_tiff, monkeypatch):
         open_slide(pyramid_tiff, reader="fake")
     truncated = tmp_path / "truncated.tif"
     truncated.write_bytes(pyramid_tiff.read_bytes()[:64])
-    with pytest.raises(SlideError, match=r"truncated\.tif: pillow: "):
+    with pytest.raises(SlideError, match=r"truncated\.tif: truncated TIFF"):  # said before any reader tries
         open_slide(truncated, reader="pillow")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(56))
+    with pytest.raises(SlideError, match=r"broken\.png: pillow: "):
+        open_slide(broken, reader="pillow")
 
 
 def test_register_reader_extends_dispatch(monkeypatch, tmp_path):

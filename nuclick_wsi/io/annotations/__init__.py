@@ -14,7 +14,7 @@ from nuclick_wsi.errors import AnnotationError
 from nuclick_wsi.records import Prompts
 from nuclick_wsi.io.annotations import asap, imagescope, qupath
 from nuclick_wsi.io.annotations import csv as csv_clicks
-from nuclick_wsi.io.annotations._common import GZIP_MAGIC, ZIP_MAGIC, check_exists, default_color, parse_xml, read_head
+from nuclick_wsi.io.annotations._common import GEOJSON_SUFFIXES, GZIP_MAGIC, ZIP_MAGIC, check_exists, default_color, parse_xml, read_head
 from nuclick_wsi.io.annotations.asap import read_asap_polygons, write_asap
 from nuclick_wsi.io.annotations.geoparquet import write_geoparquet
 from nuclick_wsi.io.annotations.imagescope import read_imagescope_polygons
@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 FORMATS = ("qupath", "asap", "imagescope", "csv")
+_JSON_SCALAR = re.compile(rb'^(?:-?[0-9][0-9.eE+-]*|"(?:[^"\\]|\\.)*"|true|false|null)\s*$')
 _XML_ROOT = re.compile(rb"<\s*([A-Za-z_][\w.:-]*)")
 _XML_SKIP = re.compile(rb"<\?.*?\?>|<!--.*?-->|<!DOCTYPE(?:[^\[>]|\[.*?\])*>", re.S)
 
@@ -41,7 +42,8 @@ _XML_SKIP = re.compile(rb"<\?.*?\?>|<!--.*?-->|<!DOCTYPE(?:[^\[>]|\[.*?\])*>", r
 def detect_format(path: str | os.PathLike) -> str:
     """Recognise an annotation file from its content.
 
-    Gzip and zip (magic bytes) and text starting with ``{`` or ``[`` are QuPath GeoJSON; text
+    Gzip and zip (magic bytes), text starting with ``{`` or ``[`` and a ``.geojson`` / ``.json``
+    holding one JSON number, string or literal are QuPath GeoJSON; text
     starting with ``<`` is XML, told apart by its root element (``ASAP_Annotations`` -> "asap",
     ``Annotations`` -> "imagescope"); anything else is CSV.
 
@@ -62,8 +64,8 @@ def detect_format(path: str | os.PathLike) -> str:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text:
         raise AnnotationError(f"{path}: empty file")
-    if text[:1] in (b"{", b"["):
-        return "qupath"
+    if text[:1] in (b"{", b"[") or (path.suffix.lower() in GEOJSON_SUFFIXES and _JSON_SCALAR.match(text)):
+        return "qupath"  # a .geojson holding a JSON number or string is a GeoJSON error, not a CSV one
     if text[:1] == b"<":
         m = _XML_ROOT.search(_XML_SKIP.sub(b"", text))
         tag = m.group(1).decode("ascii", "replace") if m else None

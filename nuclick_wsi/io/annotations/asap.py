@@ -42,7 +42,8 @@ def _group_colors(root: Any) -> dict[str, RGB | None]:
 def _vertices(annotation: Any, label: str, where: str) -> list[tuple[float, float]]:
     """Vertices of an Annotation, sorted by ``Order`` (file order where Order is missing)."""
     rows = []
-    for k, coord in enumerate(annotation.iter("Coordinate")):
+    # direct children only: iter() would walk nested elements, quadratic in hostile deep nesting
+    for k, coord in enumerate(annotation.findall("Coordinates/Coordinate") or annotation.findall("Coordinate")):
         try:
             x = parse_float(coord.get("X", ""))
             y = parse_float(coord.get("Y", ""))

@@ -53,7 +53,8 @@ def colorref(value: str | None) -> RGB | None:
 
 def _vertices(region: Any, label: str, where: str) -> list[tuple[float, float]]:
     pts = []
-    for k, vertex in enumerate(region.iter("Vertex")):
+    # direct children only: iter() would walk nested elements, quadratic in hostile deep nesting
+    for k, vertex in enumerate(region.findall("Vertices/Vertex") or region.findall("Vertex")):
         try:
             pts.append((parse_float(vertex.get("X", "")), parse_float(vertex.get("Y", ""))))
         except ValueError as exc:

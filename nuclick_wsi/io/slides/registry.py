@@ -12,7 +12,7 @@ from nuclick_wsi.io.slides.base import PyramidSource
 from nuclick_wsi.io.slides.memory import PillowSource
 from nuclick_wsi.io.slides.openslide import OpenSlideSource
 from nuclick_wsi.io.slides.resolution import check_given_mpp, settle_mpp
-from nuclick_wsi.io.slides.tiff import TiffSource, tiff_magic
+from nuclick_wsi.io.slides.tiff import TiffSource, tiff_magic, tiff_truncated
 from nuclick_wsi.errors import SlideError
 
 
@@ -154,11 +154,17 @@ def register_reader(spec: ReaderSpec, *, auto: bool = True, before: str | None =
 
 
 def check_path(path: Path) -> None:
-    """Raise SlideError for a missing or non-file path."""
+    """Raise SlideError for a missing path, a folder no reader here opens, or a truncated TIFF."""
     if not path.exists():
         raise SlideError(f"cannot open slide {path}: file not found")
     if path.is_dir():
-        raise SlideError(f"cannot open slide {path}: is a directory, not a slide file")
+        zarr = any((path / m).exists() for m in (".zgroup", ".zattrs", "zarr.json"))
+        raise SlideError(f"cannot open slide {path}: " + ("an OME-Zarr folder: opened by TIAToolbox's reader "
+                         "(pip install 'nuclick-wsi[tiatoolbox]', --reader auto or tiatoolbox)" if zarr
+                         else "is a directory, not a slide file"))
+    truncated = tiff_truncated(path)
+    if truncated:
+        raise SlideError(f"cannot open slide {path}: {truncated}")
 
 
 def open_slide(path: str | Path, *, mpp: float | None = None, bounds_offset: bool = True,

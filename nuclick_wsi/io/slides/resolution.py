@@ -10,8 +10,9 @@ from nuclick_wsi.errors import ResolutionError
 
 
 MPP_PLAUSIBLE_RANGE = (0.01, 25.0)
-"""um/px values from a file outside this range are treated as unknown (72 dpi = 352.8 um/px
-is a typical placeholder written by image libraries, not a microscope resolution)."""
+"""The one level-0 um/px range of ``segment --mpp``, batch manifests and the readers (100x oil ~0.05
+... 0.4x overview ~25). Values from a file outside it are treated as unknown (72 dpi = 352.8 um/px
+is a typical placeholder written by image libraries, not a microscope resolution); given ones are refused."""
 
 MPP_MISMATCH = 0.01
 """Relative x/y um/px difference above which a note is added (the mean is used)."""
@@ -30,10 +31,22 @@ def mpp_from_resolution(value: float | None, unit: str | None) -> float | None:
 # --------------------------------------------------------------------------------------
 
 
+def mpp_problem(value: object) -> str | None:
+    """Why ``value`` is not a plausible level-0 um/px (:data:`MPP_PLAUSIBLE_RANGE`), or None when it is."""
+    low, high = MPP_PLAUSIBLE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return f"{value!r} is not a positive number of um/px"
+    if not low <= value <= high:
+        hint = " (that looks like a magnification; um/px at 40x is about 0.25)" if value > high else ""
+        return f"{value:g} um/px is outside the plausible {low:g}-{high:g}{hint}"
+    return None
+
+
 def check_given_mpp(mpp: float) -> None:
-    """Raise ResolutionError unless ``mpp`` is a positive finite number."""
-    if not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
-        raise ResolutionError(f"--mpp must be a positive number of um/px, got {mpp!r}")
+    """Raise ResolutionError unless ``mpp`` is a plausible um/px (:func:`mpp_problem`)."""
+    problem = mpp_problem(mpp)
+    if problem:
+        raise ResolutionError(f"--mpp: {problem}")
 
 
 def settle_mpp(source: PyramidSource, given: float | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from nuclick_wsi.io.slides.base import FileMpp, Level, PyramidSource
 from nuclick_wsi.io.slides.openslide import probe
 from nuclick_wsi.io.slides.pixels import rgb_from_samples, to_uint8
 from nuclick_wsi.io.slides.resolution import mpp_from_resolution
+from nuclick_wsi._util.text import read_head
 from nuclick_wsi.errors import SlideError
 
 
@@ -24,6 +26,53 @@ CHUNK_CACHE_BYTES = 64 * 2**20
 def tiff_magic(head: bytes) -> bool:
     """True when the first bytes are a TIFF / BigTIFF header."""
     return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _ifd_chain_truncated(path: Path, head: bytes, size: int) -> str | None:
+    """Why the chain of image directories of a TIFF runs past the end of the file, or None."""
+    big = head[2:4] in (b"+\0", b"\0+")
+    end = "<" if head[:1] == b"I" else ">"
+    count_fmt, entry, off_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    with open(path, "rb") as fh:
+        raw = fh.read(16)
+        ifd = struct.unpack(end + off_fmt, raw[8:16] if big else raw[4:8])[0] if len(raw) >= (16 if big else 8) else size
+        for _ in range(4096):  # walk the chain of image directories
+            if ifd == 0:
+                break
+            fh.seek(ifd)
+            got = fh.read(struct.calcsize(count_fmt))
+            if ifd >= size or len(got) < struct.calcsize(count_fmt):
+                return (f"truncated TIFF: an image directory is at byte {ifd} but the file ends at byte {size} "
+                        "(an interrupted copy or download?)")
+            n = struct.unpack(end + count_fmt, got)[0]
+            fh.seek(ifd + len(got) + n * entry)
+            nxt = fh.read(struct.calcsize(off_fmt))
+            if len(nxt) < struct.calcsize(off_fmt):
+                return f"truncated TIFF: the image directory at byte {ifd} runs past the end of the file ({size} bytes)"
+            ifd = struct.unpack(end + off_fmt, nxt)[0]
+    return None
+
+
+def tiff_truncated(path: Path) -> str | None:
+    """Why a TIFF (SVS, NDPI...) is cut short: an image directory or image data past the end of the file."""
+    head = read_head(path)
+    if not tiff_magic(head):
+        return None
+    size = path.stat().st_size
+    chain = _ifd_chain_truncated(path, head, size)
+    if chain:
+        return chain
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            end = max((o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+    except Exception:  # noqa: BLE001 - the readers say what else is wrong
+        return None
+    if end > size:
+        return (f"truncated TIFF: its image data reach byte {end} but the file ends at byte {size} "
+                "(an interrupted copy or download?)")
+    return None
 
 
 # --------------------------------------------------------------------------------------

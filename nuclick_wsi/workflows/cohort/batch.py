@@ -1,4 +1,4 @@
-"""Running a manifest: each row under its lock, slides in flight in threads, SIGTERM as an interrupt."""
+"""Running a manifest: each row under its lock, slides in flight in threads, SIGTERM/SIGHUP as an interrupt."""
 
 from __future__ import annotations
 
@@ -6,24 +6,24 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nuclick_wsi.workflows.cohort.locks import FAILED_SUFFIX, FileLock, HOST, LOCK_SUFFIX, remove_temporaries, stem_file_names
-from nuclick_wsi.workflows.cohort.manifest import Manifest, ManifestRow, read_manifest, select_rows
+from nuclick_wsi.workflows.cohort.manifest import SUMMARY_NAME, Manifest, ManifestRow, read_manifest, select_rows
 from nuclick_wsi.workflows.cohort.summary import BatchResult, SlideResult, write_summary
 from nuclick_wsi._util.fs import remove_path, atomic_output, ensure_writable_dir
 from nuclick_wsi._util.text import first_line
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
+from nuclick_wsi.outputs.safety import refuse_input_among
+from nuclick_wsi.outputs.signals import signals_as_interrupt
 from nuclick_wsi.pipeline import SegmentOptions, segment
 
 
@@ -112,23 +112,6 @@ def process_row(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: Mod
         lock.release()
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SLURM sends SIGTERM before SIGKILL: turn it into KeyboardInterrupt so temporaries and locks go."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _in_flight(opts: BatchOptions) -> int:
     if opts.slides_in_flight is not None:
         return max(1, int(opts.slides_in_flight))
@@ -138,6 +121,12 @@ def _in_flight(opts: BatchOptions) -> int:
         return 2 if resolve_device(opts.segment.device).type == "cuda" else 1
     except NuclickError:
         return 1
+
+
+def refuse_manifest_overwrite(man: Manifest, out_dir: str | os.PathLike) -> None:
+    """Raise OutputError when the summary or a row's outputs would overwrite the manifest itself."""
+    names = {SUMMARY_NAME, f"{SUMMARY_NAME}{LOCK_SUFFIX}"}.union(*(stem_file_names(r.stem) for r in man.rows))
+    refuse_input_among("manifest", man.path, out_dir, names)
 
 
 def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike,
@@ -167,6 +156,7 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     opts = options or BatchOptions()
     man = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     rows = select_rows(man, only=opts.only, task_index=opts.task_index, rows_per_task=opts.rows_per_task)
+    refuse_manifest_overwrite(man, out_dir)
     out = ensure_writable_dir(out_dir)
     models = models or Models()
     say = log or (lambda _m: None)
@@ -191,7 +181,7 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
         report(res)
         return res
 
-    with _sigterm_as_interrupt():
+    with signals_as_interrupt():  # SIGTERM (SLURM) and SIGHUP: locks and temporaries go as for Ctrl-C
         todo = list(rows)
         while todo:
             k = _in_flight(opts) if len(todo) > 1 else 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import socket
 import threading
 import time
@@ -19,15 +18,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from nuclick_wsi._util.fs import TMP_MARK, remove_path
+from nuclick_wsi._util.fs import parse_temporary, pid_alive, remove_path, temp_path_for
 from nuclick_wsi.errors import NuclickError, OutputError
 from nuclick_wsi.outputs.paths import POLYGON_SUFFIXES, output_paths
 
 
 LOCK_SUFFIX = ".lock"
 FAILED_SUFFIX = ".failed.json"
-#: statuses of a row in a batch summary
-TMP_RE = re.compile(rf"^(?:{re.escape(TMP_MARK)}[0-9a-f]{{8}}-)+(?P<name>.+)$")
 
 # --------------------------------------------------------------------------------------------------
 # locks
@@ -43,18 +40,6 @@ def proc_start(pid: int) -> str | None:
         return stat.rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
 
 
 class LockKeeper:
@@ -189,7 +174,7 @@ class FileLock:
 
     # -- acquire / release -----------------------------------------------------------------------
     def _create(self, content: bytes) -> bool:
-        tmp = self.path.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{self.path.name}")
+        tmp = temp_path_for(self.path)
         try:
             with open(tmp, "xb") as f:
                 f.write(content)
@@ -216,7 +201,7 @@ class FileLock:
 
     def _break(self, raw: bytes) -> None:
         """Remove a stale lock whose content was ``raw``, without removing a fresh one by mistake."""
-        aside = self.path.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{self.path.name}")
+        aside = temp_path_for(self.path)
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -308,8 +293,8 @@ def remove_temporaries(out_dir: str | os.PathLike, names: set[str]) -> list[Path
     except FileNotFoundError:
         return removed
     for e in entries:
-        m = TMP_RE.match(e.name)
-        if m and m.group("name") in names:
+        info = parse_temporary(e.name)
+        if info and info.name in names:
             remove_path(Path(e.path))
             removed.append(Path(e.path))
     return removed

@@ -18,7 +18,9 @@ from typing import Any
 
 from nuclick_wsi._util.fs import atomic_output
 from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.io.slides.resolution import mpp_problem
 from nuclick_wsi.outputs.paths import slide_stem
+from nuclick_wsi.outputs.safety import stem_problem
 
 
 MANIFEST_COLUMNS = ("slide", "points", "mpp", "weights", "stem", "bounds_offset")
@@ -26,7 +28,6 @@ REQUIRED_COLUMNS = ("slide", "points")
 SUMMARY_NAME = "batch-summary.csv"
 SUMMARY_COLUMNS = ("stem", "status", "clicks", "segmented", "skipped", "seconds", "slide", "points", "error")
 RESERVED_STEMS = ("batch-summary", SUMMARY_NAME)
-MAX_MPP = 20.0
 
 
 class ManifestError(NuclickError):
@@ -82,15 +83,11 @@ def _resolve(base: Path, text: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _stem_problem(stem: str) -> str | None:
-    if not stem:
-        return "empty stem"
-    if "/" in stem or "\\" in stem or stem in (".", ".."):
-        return f"stem {stem!r} must be a plain file name (no / or \\)"
-    if stem.startswith("."):
-        return f"stem {stem!r} must not start with '.'"
-    if any(ord(c) < 32 for c in stem):
-        return f"stem {stem!r} holds control characters"
+def manifest_stem_problem(stem: str) -> str | None:
+    """The output-stem rule of ``segment`` (:func:`~nuclick_wsi.outputs.safety.stem_problem`), and not reserved."""
+    problem = stem_problem(stem)
+    if problem:
+        return problem
     if stem.lower() in RESERVED_STEMS:
         return f"stem {stem!r} is reserved (the batch summary uses it)"
     return None
@@ -180,9 +177,8 @@ def _parse_mpp(text: str, bad: list[str]) -> float | None:
     except ValueError:
         bad.append(f"mpp {text!r} is not a number (um/px)")
         return None
-    if not (math.isfinite(mpp) and 0 < mpp <= MAX_MPP):
-        hint = " (that looks like a magnification; um/px at 40x is about 0.25)" if mpp > MAX_MPP else ""
-        bad.append(f"mpp {text} is not an um/px in (0, {MAX_MPP:g}]{hint}")
+    if mpp_problem(mpp):  # the one range of segment --mpp and the readers
+        bad.append(f"mpp: {mpp_problem(mpp)}")
         return None
     return mpp
 
@@ -211,7 +207,7 @@ def _parse_row(get: dict[str, str], line: int, base: Path, check_files: bool) ->
     if weights is not None and check_files and not weights.is_file():
         bad.append(f"weights file not found: {weights}")
     stem = get.get("stem") or (slide_stem(slide_txt) if slide_txt else "")
-    sp = _stem_problem(stem)
+    sp = manifest_stem_problem(stem)
     if sp and (slide_txt or get.get("stem")):
         bad.append(sp)
     if bad:
@@ -368,8 +364,8 @@ def manifest_from_qupath(project: str | os.PathLike, *, slide_dir: str | os.Path
             notes.append(f"{image.name}: {image.problem or 'no slide'}; left out")
             continue
         row: dict[str, Any] = {"slide": image.path, "points": clicks, "stem": image.file_name}
-        if _stem_problem(image.file_name):
-            notes.append(f"{image.name}: {_stem_problem(image.file_name)}; left out")
+        if manifest_stem_problem(image.file_name):
+            notes.append(f"{image.name}: {manifest_stem_problem(image.file_name)}; left out")
             continue
         if not image.path.exists():
             notes.append(f"{image.name}: slide {image.path} not found here (--slide-dir if the slides moved); "
