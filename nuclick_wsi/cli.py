@@ -103,19 +103,21 @@ def main() -> None:
               help="Gland model for the squiggles (lines) of POINTS, beside the nucleus model (see README: Glands).")
 @click.option("--squiggle-group", "squiggle_groups", multiple=True, metavar="NAME",
               help="ASAP group / ImageScope layer whose lines are squiggles (repeatable; QuPath lines always are).")
+@click.option("--qc/--no-qc", default=True, show_default=True,
+              help="Write S.qc.html (pictures to check) and S.review.geojson (doubtful outlines) beside the outputs.")
 @slide_options
 @model_options
 @_fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
             roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, weights, device, batch_size,
-            precision) -> None:
+            precision, qc=True) -> None:
     """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
     from .pipeline import SegmentOptions, segment as run_segment
 
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                           device=device, precision=precision, batch_size=batch_size, threshold=threshold,
                           min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=not quiet,
-                          roi=roi, task=task, squiggle_groups=squiggle_groups)
+                          roi=roi, task=task, squiggle_groups=squiggle_groups, qc=qc)
     result = run_segment(slide, points, out_dir, options=opts, weights=weights, stem=stem, gland_weights=gland_weights)
     t = result.report["totals"]
     if not quiet:
@@ -233,11 +235,13 @@ def qupath() -> None:
 @click.option("--gland-weights", type=str, default=None,
               help="Gland model for the squiggles (line annotations), if the clicks have any.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary.")
+@click.option("--qc/--no-qc", default=True, show_default=True,
+              help="Write S.qc.html (pictures to check) and S.review.geojson (doubtful outlines); results/index.html.")
 @slide_options
 @model_options
 @_fail_cleanly
 def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, mpp, bounds_offset, reader, weights,
-               device, batch_size, precision) -> None:
+               device, batch_size, precision, qc=True) -> None:
     """Segment PROJECT/nuclick/clicks/<image>.geojson for each image of PROJECT (project.qpproj or its folder).
 
     Results go to PROJECT/nuclick/results/<image>.geojson (+ .labels.zarr, .report.json) for
@@ -252,7 +256,7 @@ def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, 
     forced = None if ctx.get_parameter_source("bounds_offset") == click.core.ParameterSource.DEFAULT else bounds_offset
     proj = read_project(project)
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, reader=reader, device=device,
-                          precision=precision, batch_size=batch_size, progress=False, roi=roi)
+                          precision=precision, batch_size=batch_size, progress=False, roi=roi, qc=qc)
     log = None if quiet else (lambda line: click.echo(line, err=True))
     run = run_project(proj, options=opts, weights=weights, gland_weights=gland_weights, bounds_offset=forced,
                       force=force, log=log)
@@ -311,12 +315,14 @@ def _batch_output_options(fn):
               help="Run nothing: write OUT/batch-summary.csv from what is there; exit 1 unless every row is complete.")
 @click.option("--dry-run", "-n", is_flag=True, help="Check the manifest and show what would run; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary table.")
+@click.option("--qc/--no-qc", default=True, show_default=True,
+              help="Write S.qc.html (pictures to check) and S.review.geojson (doubtful outlines) per slide; OUT/index.html.")
 @slide_options
 @model_options
 @_fail_cleanly
 def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, only, task_index,
           rows_per_task, wait, stale_lock_after, slides_in_flight, gland_weights, no_summary, summary_only, dry_run, quiet, mpp,
-          bounds_offset, reader, weights, device, batch_size, precision) -> None:
+          bounds_offset, reader, weights, device, batch_size, precision, qc=True) -> None:
     """Segment every row of MANIFEST (CSV: slide,points[,mpp,weights,stem]) into OUT/<stem>.*.
 
     Every row is checked before any work starts. Slides whose outputs are complete are skipped, so a
@@ -335,7 +341,7 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
         click.echo(f"{manifest}: ignoring column(s) {', '.join(man.ignored_columns)}", err=True)
     seg = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                          device=device, precision=precision, batch_size=batch_size, threshold=threshold,
-                         min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=False)
+                         min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=False, qc=qc)
     opts = BatchOptions(segment=seg, weights=weights, gland_weights=gland_weights, only=only, task_index=task_index, rows_per_task=rows_per_task,
                         stale_after=stale_lock_after, wait=wait, slides_in_flight=slides_in_flight,
                         summary=not no_summary)
@@ -385,6 +391,24 @@ def manifest_cmd(project, output, slide_dir) -> None:
         raise click.ClickException(f"{project}: no image has exported clicks (run workflows/qupath/export_clicks.groovy)")
     write_manifest(output, rows)
     click.echo(f"{output}: {len(rows)} row(s)" + (f"; {len(notes)} note(s) above" if notes else ""), err=True)
+
+
+@main.command("report")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--stem", "stems", multiple=True, metavar="STEM", help="Only this slide (repeatable).")
+@_fail_cleanly
+def report_cmd(out_dir, stems) -> None:
+    """Rebuild S.qc.html, S.review.geojson and index.html in OUT_DIR from existing outputs (no model is run)."""
+    from .qc import rebuild
+
+    written, failures = rebuild(out_dir, list(stems) or None, log=lambda line: click.echo(line, err=True))
+    if not written and not failures:
+        raise NuclickError(f"{out_dir}: no S.report.json here (outputs of nuclick-wsi segment)")
+    for line in failures:
+        click.echo(f"  FAILED {line}", err=True)
+    click.echo(f"{len(written)} file(s) written in {out_dir}", err=True)
+    if failures:
+        sys.exit(1)
 
 
 

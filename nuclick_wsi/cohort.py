@@ -58,6 +58,7 @@ from typing import Any
 from .atomic import TMP_MARK, _remove, atomic_output, ensure_writable_dir
 from .errors import NuclickError, OutputError
 from .pipeline import FORMATS, SegmentOptions, output_paths, outputs_complete, segment, slide_stem
+from .qc import index_row, write_index
 
 MANIFEST_COLUMNS = ("slide", "points", "mpp", "weights", "stem", "bounds_offset")
 REQUIRED_COLUMNS = ("slide", "points")
@@ -967,6 +968,8 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     batch = BatchResult(results=results, selected=[r.stem for r in rows])
     if opts.summary:
         batch.summary_path = write_summary(out, results, stale_after=opts.stale_after)
+    if opts.segment.qc:  # OUT/index.html: one row per slide, linking each S.qc.html
+        write_index(out, [index_row(out, r.row.stem, r.status, seconds=r.seconds, error=r.error) for r in results])
     return batch
 
 

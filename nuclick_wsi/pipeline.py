@@ -32,6 +32,7 @@ from .glands import GlandRun, add_to_report, check_squiggles, resolve_models
 from .guidance import ExclusionIndex, Region, effective_scale, patch_origin, plan_regions
 from .models.weights import LoadedModel
 from .postprocess import PostParams, instance_from_probability
+from .qc import card_figures
 from .records import Instance, Prompts, outcome
 from .slide import SlideSource, open_slide, require_mpp
 from .stitch import Piece, Stitcher
@@ -63,6 +64,7 @@ class SegmentOptions:
     roi: bool = False  #: skip clicks outside the file's area annotations ("outside the ROI")
     task: str = "nuclei"  #: what ``weights``/``model`` (and the threshold overrides) are for: "nuclei" or "gland"
     squiggle_groups: Sequence[str] = ()  #: ASAP groups / ImageScope layers whose outlines are squiggles
+    qc: bool = False  #: also write S.qc.html and S.review.geojson (the CLI's default; see nuclick_wsi.qc)
 
 
 @dataclass
@@ -416,6 +418,13 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                 progress.close()
     finally:
         slide.close()
+    from .qc import qc_paths, write_qc  # the QC report reads the outputs just written
+
+    if opts.qc and "qupath" in paths:
+        write_qc(out_dir, stem)
+    else:  # a page of an earlier run would show other outlines
+        for stale in qc_paths(out_dir, stem).values():
+            _remove(stale)
     return SegmentResult(outputs=paths, report=report)
 
 
@@ -467,7 +476,8 @@ def _report(run: _Run, paths: dict[str, Path], slide_path, points_path, wall: fl
         "mpp": {"slide": run.mpp, "source": run.slide.mpp_source, "model": run.model.mpp,
                 "level0_px_per_model_px": run.scale},
         "model": {"source": run.model.source, "arch": run.model.arch, "patch_size": run.patch,
-                  "postprocess": asdict(run.params.scaled(1 / run.scale ** 2)) if run.scale != 1 else asdict(run.params)},
+                  "postprocess": asdict(run.params.scaled(1 / run.scale ** 2)) if run.scale != 1 else asdict(run.params),
+                  "held_out": card_figures(run.model.metadata)},
         "device": run.predictor.description,
         "precision": {"name": run.predictor.precision.name, "reason": run.predictor.precision.reason},
         "totals": {"clicks": len(clicks), "segmented": n_seg, "skipped": len(clicks) - n_seg, "skipped_by_reason": reasons},

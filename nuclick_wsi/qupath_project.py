@@ -53,6 +53,7 @@ from urllib.parse import unquote, urlsplit
 from .atomic import atomic_output, cleanup_temporaries
 from .errors import ModelError, NuclickError
 from .pipeline import SegmentOptions, output_paths, outputs_complete, segment
+from .qc import index_row, write_index
 from .slide import open_slide
 
 #: folders of a QuPath project (relative to the folder holding project.qpproj)
@@ -462,6 +463,9 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
     run = ProjectRun(project=proj, images=outcomes)
     if any(o.status != "no clicks" for o in outcomes):
         run.summary_path = _write_summary(run)
+        if opts.qc:  # results/index.html: one row per image, linking each <image>.qc.html
+            write_index(results, [index_row(results, img.file_name, o.status, seconds=o.seconds, error=o.message)
+                                  for img, o in zip(proj.images, outcomes) if o.status != "no clicks"])
     return run
 
 

@@ -90,7 +90,7 @@ def _paint(tissue: np.ndarray, lab: np.ndarray, inputs: QcInputs, colours) -> np
 
 def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
     """PNG bytes of ``overview`` (outlines, skipped clicks) and ``density`` (clicks per area)."""
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     W, H = inputs.report["slide"]["width"], inputs.report["slide"]["height"]
@@ -105,18 +105,18 @@ def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
     ax = fig.add_axes([0.0, 0.0, ow / (ow + 260), 1.0])
     ax.imshow(img, extent=(0, W, H, 0), interpolation="nearest")
     ax.set_axis_off()
-    handles = []
+    from matplotlib.patches import Patch
+
     counts: dict[str, int] = {}
     for o in inputs.outlines:
         counts[o.class_name] = counts.get(o.class_name, 0) + 1
+    handles = [Patch(color=colours[name], label=f"{name} ({n})") for name, n in sorted(counts.items())]
     small = bool(inputs.outlines) and math.sqrt(float(np.median([o.area_px for o in inputs.outlines]))) / ds < 3
-    for name, n in sorted(counts.items()):
-        pts = np.array([(o.x, o.y) for o in inputs.outlines if o.class_name == name])
-        h = ax.scatter(pts[:, 0], pts[:, 1], s=4 if small else 0, color=colours[name], marker="o", linewidths=0,
-                       label=f"{name} ({n})")
-        handles.append(h)
+    if small:  # nuclei smaller than 3 overview px: a dot per outline shows where they are
+        ax.scatter([o.x for o in inputs.outlines], [o.y for o in inputs.outlines], s=3, linewidths=0,
+                   c=[colours[o.class_name] for o in inputs.outlines])
     reasons = sorted({c.get("reason", "").split(" (")[0].split(":")[0] for c in inputs.skipped})
-    markers = plt.get_cmap("Set1")
+    markers = colormaps["Set1"]
     for k, why in enumerate(reasons):
         pts = np.array([(c["x"], c["y"]) for c in inputs.skipped
                         if c.get("reason", "").split(" (")[0].split(":")[0] == why
@@ -127,7 +127,7 @@ def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
     if handles:
-        fig.legend(handles=handles, loc="upper right", fontsize=8, frameon=False, markerscale=3 if small else 1)
+        fig.legend(handles=handles, loc="upper right", fontsize=9, frameon=False)
     out["overview"] = _png(fig)
     out["density"] = _density(inputs, tissue, W, H, ds)
     return out

@@ -75,7 +75,7 @@ def _area_outliers(inputs: QcInputs, opts: ReviewOptions) -> dict[int, str]:
             continue
         ratio = o.area_px / med
         if ratio > opts.area_factor or ratio < 1 / opts.area_factor:
-            out[o.label] = f"area {ratio:.2g}x its class's median"
+            out[o.label] = f"area far from its class's median ({ratio:.2g}x)"
     return out
 
 
@@ -100,7 +100,7 @@ def _clipped(inputs: QcInputs) -> dict[int, str]:
         x0, y0, x1, y1 = _patch_box(o, int(patch), scale)
         bx0, by0, bx1, by1 = o.geometry.bounds
         if bx0 <= x0 or by0 <= y0 or bx1 >= x1 or by1 >= y1:
-            out[o.label] = f"clipped at the border of the model's {patch} px patch"
+            out[o.label] = f"clipped at the patch border ({patch} model px)"
     return out
 
 
@@ -153,7 +153,7 @@ def _merged(inputs: QcInputs, opts: ReviewOptions) -> dict[int, str]:
     for o in inputs.outlines:
         p, s = perim.get(o.label, 0), shared.get(o.label, 0)
         if p and s / p >= opts.shared_fraction:
-            out[o.label] = f"shares {s / p:.0%} of its outline with neighbours (merged into their territory?)"
+            out[o.label] = f"merged into a neighbour's territory (shares {s / p:.0%} of its outline)"
     return out
 
 
