@@ -31,7 +31,7 @@ def pick(inputs: QcInputs, n_random: int = 24, n_low: int = 24) -> tuple[list[Ou
     low = sorted((o for o in outs if np.isfinite(o.value)), key=lambda o: (o.value, o.label))[:n_low]
     rng = np.random.default_rng(zlib.crc32(inputs.stem.encode("utf-8")))
     taken = {o.label for o in low}
-    rest = [o for o in outs if o.label not in taken] or list(outs)
+    rest = [o for o in outs if o.label not in taken]
     idx = sorted(rng.choice(len(rest), size=min(n_random, len(rest)), replace=False)) if rest else []
     return [rest[i] for i in idx], low
 
