@@ -20,7 +20,8 @@ table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;paddin
 th{background:#f3f3f3}.num{text-align:right}.gal{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:150px;font-size:.72em}figure img{display:block;border:1px solid #999}
 .flag{color:#b00}.note{color:#555;font-size:.9em}.failed td{background:#fdecec}
-th.sort{cursor:pointer}img.wide{max-width:100%}
+th.sort{cursor:pointer}img.wide{max-width:100%}img.ov{max-width:100%;max-height:80vh}
+.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 """
 
 

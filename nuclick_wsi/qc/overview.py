@@ -19,7 +19,7 @@ from ..errors import NuclickError
 from ..slide import open_slide
 from .data import QcInputs
 
-MAX_SIDE = 1400  #: overview size (px) of the slide's longer side
+MAX_SIDE = 1000  #: overview size (px) of the slide's longer side
 
 
 def open_report_slide(inputs: QcInputs):
@@ -101,8 +101,8 @@ def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
     img = _paint(tissue, lab, inputs, colours)
     dpi = 100
     out: dict[str, bytes] = {}
-    fig = Figure(figsize=(ow / dpi + 2.6, oh / dpi + 0.3), dpi=dpi)
-    ax = fig.add_axes([0.0, 0.0, ow / (ow + 260), 1.0])
+    fig = Figure(figsize=(ow / dpi + 2.0, oh / dpi + 0.3), dpi=dpi)
+    ax = fig.add_axes([0.0, 0.0, ow / (ow + 200), 1.0])
     ax.imshow(img, extent=(0, W, H, 0), interpolation="nearest")
     ax.set_axis_off()
     from matplotlib.patches import Patch
@@ -137,8 +137,8 @@ def _density(inputs: QcInputs, tissue: np.ndarray, W: int, H: int, ds: float) ->
     from matplotlib.figure import Figure
 
     oh, ow = tissue.shape[:2]
-    scale = max(1, round(480 / max(ow, oh), 3))
-    fig = Figure(figsize=(max(3.0, ow * scale / 100 + 1.2), max(2.0, oh * scale / 100 + 0.3)), dpi=100)
+    scale = 420 / max(ow, oh)  # inches at 100 dpi: the map at most 420 px, and a colour bar
+    fig = Figure(figsize=(ow * scale / 100 + 1.3, oh * scale / 100 + 0.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     ax.imshow(tissue.mean(axis=2), cmap="gray", extent=(0, W, H, 0), vmin=0, vmax=255)
     xy = np.array([(o.x, o.y) for o in inputs.outlines]).reshape(-1, 2)

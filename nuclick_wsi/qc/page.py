@@ -65,9 +65,10 @@ def build_page(inputs: QcInputs, reasons: dict[int, list[str]], n_review: int, t
     counts += [(f"  flagged: {k}", v, "") for k, v in sorted(why.items())]
     body = [f"<h1>NuClick QC: {esc(inputs.stem)}</h1>", kv_table(counts),
             f'<p class="note">Confidence shown: {esc(measure)}.</p>',
-            "<h2>Overview</h2>", '<p class="note">Outlines coloured by class; x: skipped clicks by reason.</p>',
-            img_tag(figs["overview"], "image/png", "overview", "wide", "overview"),
-            "<h2>Where the work was</h2>", img_tag(figs["density"], "image/png", "density", "", "density"),
+            "<h2>Overview</h2>", '<p class="note">Outlines coloured by class; x: skipped clicks by reason. '
+            "Then: where the work was (outlines per hexagon).</p>",
+            '<div class="row">', img_tag(figs["overview"], "image/png", "overview", "ov", "overview"),
+            img_tag(figs["density"], "image/png", "density", "", "density"), "</div>",
             f"<h2>Least confident outlines ({len(low_crops)})</h2>", gallery(low_crops, inputs.measure, "low"),
             f"<h2>Random sample ({len(sample_crops)})</h2>", gallery(sample_crops, inputs.measure, "sample"),
             "<h2>Distributions</h2>", img_tag(plots, "image/png", "plots", "wide", "plots"),

@@ -11,6 +11,7 @@ from .overview import _png as png_bytes
 def distributions(inputs: QcInputs, colours) -> bytes:
     """One PNG with four panels."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 7), dpi=90, layout="constrained")
     (a_area, a_conf), (a_count, a_skip) = fig.subplots(2, 2)
@@ -34,12 +35,17 @@ def distributions(inputs: QcInputs, colours) -> bytes:
     a_count.barh(classes or ["(none)"], counts or [0], color=[colours[c] for c in classes] or None)
     a_count.set_xlabel("outlines per class")
     by_reason = (inputs.report.get("totals") or {}).get("skipped_by_reason") or {}
-    names = list(by_reason) or ["(none skipped)"]
-    a_skip.barh(names, [by_reason.get(n, 0) for n in names], color="grey")
     a_skip.set_xlabel("skipped clicks by reason")
-    for ax in (a_count, a_skip):
-        ax.invert_yaxis()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    if by_reason:
+        a_skip.barh(list(by_reason), list(by_reason.values()), color="grey")
+        a_skip.invert_yaxis()
+    else:
+        a_skip.text(0.5, 0.5, "no click skipped", ha="center", va="center", transform=a_skip.transAxes)
+        a_skip.set_xticks([])
+        a_skip.set_yticks([])
+    a_count.invert_yaxis()
+    for ax in (a_count, a_skip) if by_reason else (a_count,):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{inputs.stem}: {len(inputs.outlines)} outlines, {len(inputs.skipped)} clicks skipped")
     return png_bytes(fig)
 
