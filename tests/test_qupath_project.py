@@ -449,6 +449,11 @@ def test_scripts_match_the_python_side(script, folder):
     assert _groovy_const(text, "RESULT_MARKER") == qp.RESULT_MARKER
     assert _groovy_const(text, "UNSAFE_FILENAME") == qp.UNSAFE_FILENAME
     assert _groovy_const(text, "EMPTY_NAME") == qp.EMPTY_NAME
+    if script == "import_results.groovy":  # the review list (nuclick_wsi.qc) is offered, off by default
+        from nuclick_wsi.qc.review import REVIEW_MEASUREMENT
+
+        assert _groovy_const(text, "REVIEW_MARKER") == REVIEW_MEASUREMENT
+        assert "def IMPORT_REVIEW = false" in text and "fileName + '.review.geojson'" in text
     paths = re.findall(r"buildFilePath\(PROJECT_BASE_DIR, ([^)]*)\)", text)
     assert paths == [", ".join(f"'{p}'" for p in folder)]
     assert "fileName + '.geojson'" in text and "getProjectEntry()" in text
