@@ -32,7 +32,7 @@ from .glands import GlandRun, add_to_report, check_squiggles, resolve_models
 from .guidance import ExclusionIndex, Region, effective_scale, patch_origin, plan_regions
 from .models.weights import LoadedModel
 from .postprocess import PostParams, instance_from_probability
-from .qc import card_figures
+from .qc import card_figures, qc_paths, write_qc
 from .records import Instance, Prompts, outcome
 from .slide import SlideSource, open_slide, require_mpp
 from .stitch import Piece, Stitcher
@@ -418,9 +418,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                 progress.close()
     finally:
         slide.close()
-    from .qc import qc_paths, write_qc  # the QC report reads the outputs just written
-
-    if opts.qc and "qupath" in paths:
+    if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
         write_qc(out_dir, stem)
     else:  # a page of an earlier run would show other outlines
         for stale in qc_paths(out_dir, stem).values():
