@@ -119,6 +119,8 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
                           min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=not quiet,
                           roi=roi, task=task, squiggle_groups=squiggle_groups, qc=qc)
     result = run_segment(slide, points, out_dir, options=opts, weights=weights, stem=stem, gland_weights=gland_weights)
+    if qc and "qupath" not in formats:
+        click.echo("no QC report: it reads the QuPath outlines (add qupath to --format)", err=True)
     t = result.report["totals"]
     if not quiet:
         click.echo(f"{t['segmented']} of {t['clicks']} clicks segmented ({result.report['timings_s']['nuclei_per_s']} nuclei/s); "

@@ -209,7 +209,8 @@ def test_page_renders_every_image_and_the_report_counts(planted, tmp_path):
 def _overview_variance(page: Path, tmp_path: Path) -> float:
     """Screenshot of the page with only its overview shown; variance of the overview's pixels."""
     only = page.with_name(f"only-{page.name}")
-    style = "<style>body>*:not(img[data-qc=overview]){display:none!important}body{margin:0}</style>"
+    style = ("<style>body *{visibility:hidden}img[data-qc=overview]{visibility:visible;position:fixed;top:0;left:0;"
+             "max-height:none}</style>")
     only.write_text(page.read_text(encoding="utf-8").replace("</head>", style + "</head>"), encoding="utf-8")
     shot = tmp_path / f"{page.stem}.png"
     try:
@@ -248,3 +249,38 @@ def test_index_lists_slides_failures_first_and_links_their_reports(tmp_path):
     assert [r[:2] for r in seen["rows"]] == [["bad", "failed"], ["good", "segmented"]]
     assert seen["rows"][1][2].endswith("good.qc.html") and (out / "good.qc.html").is_file()
     assert seen["qc"]["clicks"] == ["", str(res.results[0].clicks)]
+
+
+def test_report_command_rebuilds_and_fails_in_one_line(planted, tmp_path):
+    from click.testing import CliRunner
+
+    from nuclick_wsi.cli import main
+
+    out, _, _ = planted
+    copy = tmp_path / "o"
+    shutil.copytree(out, copy)
+    for p in copy.glob("*.html"):
+        p.unlink()
+    res = CliRunner().invoke(main, ["report", str(copy)])
+    assert res.exit_code == 0, res.output
+    assert (copy / "planted.qc.html").is_file() and (copy / "index.html").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["report", str(empty)])
+    assert res.exit_code == 1 and res.stderr.strip().splitlines() == [
+        f"Error: {empty}: no S.report.json here (outputs of nuclick-wsi segment)"]
+
+
+def test_qupath_run_writes_the_results_index(tmp_path):
+    from test_qupath_project import entry, point_feature, write_clicks, write_project
+
+    from nuclick_wsi.qupath_project import run_project
+
+    slide, _, _ = planted_case(tmp_path)
+    proj = write_project(tmp_path / "project", [entry(slide, slide.name, size=(640, 512), entry_id=1, mpp=0.5)])
+    write_clicks(proj, slide.name, [point_feature(50.5, 60.5, "Tumor"), point_feature(110.5, 60.5, "Tumor")])
+    run = run_project(proj, model=dark_model(0.5), options=SegmentOptions(progress=False, qc=True))
+    assert [o.status for o in run.images] == ["segmented"], run.images[0].message
+    results = proj.parent / "nuclick" / "results"
+    index = (results / "index.html").read_text()
+    assert f'href="{slide.name}.qc.html"' in index and (results / f"{slide.name}.review.geojson").is_file()
