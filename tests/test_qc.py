@@ -230,7 +230,7 @@ def test_screenshot_catches_a_blank_overview(planted, tmp_path, monkeypatch):
     blank = tmp_path / "blank"
     shutil.copytree(out, blank)
     # a bug that paints the overview white (tissue and outlines lost) must fail the check above
-    monkeypatch.setattr(ov, "_paint", lambda tissue, lab, inputs, colours: np.ones(tissue.shape, np.float32))
+    monkeypatch.setattr(ov, "paint_overview", lambda tissue, lab, inputs, colours: np.ones(tissue.shape, np.float32))
     write_qc(blank, "planted")
     assert _overview_variance(blank / "planted.qc.html", tmp_path) < 100
 
@@ -284,3 +284,22 @@ def test_qupath_run_writes_the_results_index(tmp_path):
     results = proj.parent / "nuclick" / "results"
     index = (results / "index.html").read_text()
     assert f'href="{slide.name}.qc.html"' in index and (results / f"{slide.name}.review.geojson").is_file()
+
+
+def test_confidence_is_used_when_the_run_has_it(planted, tmp_path):
+    """Runs with a per-outline ``confidence`` (issue 11): the page shows it, low values are flagged."""
+    out, _, case = planted
+    copy = tmp_path / "conf"
+    shutil.copytree(out, copy)
+    rep_path = copy / "planted.report.json"
+    rep = json.loads(rep_path.read_text())
+    ordinary = 3
+    for c in rep["clicks"]:
+        if c["status"] == "segmented":
+            c["confidence"] = 0.3 if c["index"] == ordinary else 0.97
+    rep_path.write_text(json.dumps(rep))
+    assert load_outputs(copy, "planted").measure == "confidence"
+    write_qc(copy, "planted")
+    names = [f["properties"]["name"] for f in json.loads((copy / "planted.review.geojson").read_text())["features"]]
+    assert [n for n in names if "low confidence" in n] == [f"#{ordinary + 1} Tumor: low confidence (0.300 < 0.5)"]
+    assert "NuClick confidence (the model" in (copy / "planted.qc.html").read_text()

@@ -132,12 +132,13 @@ def rebuild(out_dir: str | Path, stems: list[str] | None = None, *, log=None) ->
         try:
             written.extend(write_qc(out, stem).values())
             rows.append(index_row(out, stem, "complete"))
+            done = "report"
         except NuclickError as exc:
             failures.append(f"{stem}: {exc}")
             rows.append(index_row(out, stem, "failed", error=str(exc).splitlines()[0]))
+            done = "FAILED"
         if log:
-            log(f"{stem}: {'FAILED' if failures and failures[-1].startswith(stem + ':') else 'report'} "
-                f"({time.perf_counter() - t0:.1f} s)")
+            log(f"{stem}: {done} ({time.perf_counter() - t0:.1f} s)")
     for p in out.glob("*.failed.json"):
         stem = p.name[: -len(".failed.json")]
         if stem not in stems:

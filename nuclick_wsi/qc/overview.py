@@ -69,7 +69,7 @@ def class_colours(inputs: QcInputs) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-def _paint(tissue: np.ndarray, lab: np.ndarray, inputs: QcInputs, colours) -> np.ndarray:
+def paint_overview(tissue: np.ndarray, lab: np.ndarray, inputs: QcInputs, colours) -> np.ndarray:
     """Tissue with outlines filled lightly and their boundaries drawn in their class's colour."""
     top = int(lab.max(initial=0))
     lut = np.zeros((top + 1, 3), np.float32)
@@ -98,7 +98,7 @@ def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
     tissue = slide.read_region(0, 0, W, H, ow, oh)
     lab = label_thumbnail(inputs.labels_path, ds, ow, oh)
     colours = class_colours(inputs)
-    img = _paint(tissue, lab, inputs, colours)
+    img = paint_overview(tissue, lab, inputs, colours)
     dpi = 100
     out: dict[str, bytes] = {}
     fig = Figure(figsize=(ow / dpi + 2.0, oh / dpi + 0.3), dpi=dpi)
@@ -128,7 +128,7 @@ def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
     ax.set_ylim(H, 0)
     if handles:
         fig.legend(handles=handles, loc="upper right", fontsize=9, frameon=False)
-    out["overview"] = _png(fig)
+    out["overview"] = png_bytes(fig)
     out["density"] = _density(inputs, tissue, W, H, ds)
     return out
 
@@ -149,10 +149,10 @@ def _density(inputs: QcInputs, tissue: np.ndarray, W: int, H: int, ds: float) ->
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
     ax.set_axis_off()
-    return _png(fig)
+    return png_bytes(fig)
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data import QcInputs, finite
-from .overview import _png as png_bytes
+from .overview import png_bytes
 
 
 def distributions(inputs: QcInputs, colours) -> bytes:

@@ -25,8 +25,8 @@ import numpy as np
 from shapely.geometry import Point, mapping
 
 from ..atomic import atomic_output
-from ..store import open_labels
-from .data import Outline, QcInputs, finite
+from ..store import open_labels, stored_chunks
+from .data import Outline, QcInputs
 
 REVIEW_CLASS = "NuClick review"
 REVIEW_COLOR = [255, 0, 255]
@@ -136,14 +136,17 @@ def shared_edges(labels_path) -> tuple[dict[int, int], dict[int, int]]:
                 for i, c in zip(u.tolist(), n.tolist()):
                     counts[i] += c
 
-    for y0 in range(0, h, step):
-        for x0 in range(0, w, step):
-            block = np.asarray(arr[y0:min(h, y0 + step + 1), x0:min(w, x0 + step + 1)])
-            if not block.any():
-                continue
-            bh, bw = min(step, h - y0), min(step, w - x0)
-            add(block[:bh, :-1], block[:bh, 1:])
-            add(block[:-1, :bw], block[1:, :bw])
+    stored = stored_chunks(labels_path, 0)
+    # a chunk above or left of a labelled one holds the edges along their common border
+    todo = sorted(stored | {(cy - 1, cx) for cy, cx in stored if cy} | {(cy, cx - 1) for cy, cx in stored if cx})
+    for cy, cx in todo:
+        y0, x0 = cy * step, cx * step
+        block = np.asarray(arr[y0:min(h, y0 + step + 1), x0:min(w, x0 + step + 1)])
+        if not block.any():
+            continue
+        bh, bw = min(step, h - y0), min(step, w - x0)
+        add(block[:bh, :-1], block[:bh, 1:])
+        add(block[:-1, :bw], block[1:, :bw])
     return dict(perim), dict(shared)
 
 
@@ -202,8 +205,3 @@ def write_review(path, features: list[dict]) -> None:
         "\n" + json.dumps(f, separators=(",", ":"), ensure_ascii=False) for f in features) + "\n]}\n"
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def flagged_values(inputs: QcInputs) -> list[float]:
-    """The finite confidence values of all outlines (for plots and captions)."""
-    return finite(o.value for o in inputs.outlines)
