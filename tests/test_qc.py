@@ -163,8 +163,12 @@ window.addEventListener('load', function () {
   var rows = Array.from(document.querySelectorAll('#slides tbody tr')).map(function (r) {
     return [r.dataset.stem, r.className, (r.querySelector('a') || {}).href || ''];
   });
+  var sorted = [];  // click the "status" column title twice: descending
+  var th = document.querySelectorAll('#slides th.sort')[1];
+  if (th) { th.click(); th.click(); sorted = Array.from(document.querySelectorAll('#slides tbody tr')).map(
+    function (r) { return r.dataset.stem; }); }
   var pre = document.createElement('pre'); pre.id = 'qc-check';
-  pre.textContent = JSON.stringify({imgs: imgs, qc: qc, figs: figs, rows: rows});
+  pre.textContent = JSON.stringify({imgs: imgs, qc: qc, figs: figs, rows: rows, sorted: sorted});
   document.body.appendChild(pre);
 });
 </script>
@@ -249,6 +253,7 @@ def test_index_lists_slides_failures_first_and_links_their_reports(tmp_path):
     assert [r[:2] for r in seen["rows"]] == [["bad", "failed"], ["good", "segmented"]]
     assert seen["rows"][1][2].endswith("good.qc.html") and (out / "good.qc.html").is_file()
     assert seen["qc"]["clicks"] == ["", str(res.results[0].clicks)]
+    assert seen["sorted"] == ["good", "bad"]  # sorted by status, descending, in the browser
 
 
 def test_report_command_rebuilds_and_fails_in_one_line(planted, tmp_path):
