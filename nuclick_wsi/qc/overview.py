@@ -43,6 +43,21 @@ def overview_scale(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[f
     return ds, max(1, math.ceil(width / ds)), max(1, math.ceil(height / ds))
 
 
+def read_overview(slide, ds: float, ow: int, oh: int, max_read: int = 2048) -> np.ndarray:
+    """The slide at ``ds`` level-0 px per pixel, read in blocks of at most ``max_read`` level-0 px a side.
+
+    On a pyramidal slide each block comes from a coarse level; on a slide without a pyramid, memory
+    stays at one block instead of the whole level 0.
+    """
+    out = np.empty((oh, ow, 3), np.uint8)
+    step = max(16, int(max_read // ds))  # overview px per block
+    for oy in range(0, oh, step):
+        for ox in range(0, ow, step):
+            bw, bh = min(step, ow - ox), min(step, oh - oy)
+            out[oy:oy + bh, ox:ox + bw] = slide.read_region(ox * ds, oy * ds, bw * ds, bh * ds, bw, bh)
+    return out
+
+
 def label_thumbnail(labels_path, ds: float, ow: int, oh: int) -> np.ndarray:
     """The label image at the overview's scale, nearest-neighbour, from the coarsest pyramid level
     no coarser than ``ds`` (one level read, never level 0 unless the slide is small)."""
@@ -95,7 +110,7 @@ def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
 
     W, H = inputs.report["slide"]["width"], inputs.report["slide"]["height"]
     ds, ow, oh = overview_scale(W, H)
-    tissue = slide.read_region(0, 0, W, H, ow, oh)
+    tissue = read_overview(slide, ds, ow, oh)
     lab = label_thumbnail(inputs.labels_path, ds, ow, oh)
     colours = class_colours(inputs)
     img = paint_overview(tissue, lab, inputs, colours)
