@@ -101,7 +101,7 @@ def index_row(out_dir: str | Path, stem: str, status: str, *, seconds: float | N
             row["flagged"] = len(json.loads(paths["review"].read_text(encoding="utf-8"))["features"])
         except (OSError, ValueError, KeyError):
             pass
-    if paths["html"].is_file():
+    if paths["html"].is_file() and status not in ("failed", "pending", "running"):  # else: an earlier run's page
         row["report"] = report_href or paths["html"].name
     return row
 
