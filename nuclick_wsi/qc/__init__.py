@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_output
-from .data import QcInputs, load_outputs
-from .review import REVIEW_CLASS, ReviewOptions, review, review_features, write_review
+from nuclick_wsi._util.fs import atomic_output
+from nuclick_wsi.qc.data import QcInputs, load_outputs
+from nuclick_wsi.qc.review import REVIEW_CLASS, ReviewOptions, review, review_features, write_review
 
-__all__ = ["REVIEW_CLASS", "QcInputs", "ReviewOptions", "card_figures", "index_row", "load_outputs", "qc_paths",
+__all__ = ["REVIEW_CLASS", "QcInputs", "ReviewOptions", "index_row", "load_outputs", "qc_paths",
            "rebuild", "write_index", "write_qc"]
 
 INDEX_NAME = "index.html"
@@ -32,16 +32,6 @@ def qc_paths(out_dir: str | Path, stem: str) -> dict[str, Path]:
     """Where :func:`write_qc` writes: ``html`` (S.qc.html) and ``review`` (S.review.geojson)."""
     out = Path(out_dir)
     return {"html": out / f"{stem}.qc.html", "review": out / f"{stem}.review.geojson"}
-
-
-def card_figures(metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """The model card's held-out figures (overall, per click jitter) from a checkpoint's metadata."""
-    held = (metadata or {}).get("held_out") or {}
-    out = {}
-    for key, val in held.items():
-        if isinstance(val, dict) and isinstance((val.get("overall") or {}).get("model"), dict):
-            out[key] = {"jitter_px": val.get("jitter"), "objects": val.get("objects"), **val["overall"]["model"]}
-    return {"tiles": held.get("tiles"), "figures": out} if out else None
 
 
 def write_qc(out_dir: str | Path, stem: str, *, options: ReviewOptions | None = None) -> dict[str, Path]:
@@ -61,7 +51,7 @@ def write_qc(out_dir: str | Path, stem: str, *, options: ReviewOptions | None = 
     NuclickError
         An output or the slide is missing or unreadable (one line naming it).
     """
-    from .page import build_page  # matplotlib is imported only when a page is built
+    from nuclick_wsi.qc.page import build_page  # matplotlib is imported only when a page is built
 
     t0 = time.perf_counter()
     inputs = load_outputs(out_dir, stem)
@@ -108,7 +98,7 @@ def index_row(out_dir: str | Path, stem: str, status: str, *, seconds: float | N
 
 def write_index(out_dir: str | Path, rows: list[dict[str, Any]], title: str = "nuclick-wsi results") -> Path:
     """Write ``OUT/index.html`` (sortable, failures first) from :func:`index_row` rows."""
-    from .html import index_page
+    from nuclick_wsi.qc.html import index_page
 
     path = Path(out_dir) / INDEX_NAME
     with atomic_output(path) as tmp:
@@ -121,7 +111,7 @@ def rebuild(out_dir: str | Path, stems: list[str] | None = None, *, log=None) ->
 
     Returns the written paths and one line per slide that failed.
     """
-    from ..errors import NuclickError
+    from nuclick_wsi.errors import NuclickError
 
     out = Path(out_dir)
     found = sorted(p.name[: -len(".report.json")] for p in out.glob("*.report.json"))

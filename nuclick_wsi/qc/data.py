@@ -17,8 +17,8 @@ from typing import Any
 
 from shapely.geometry import shape
 
-from ..errors import NuclickError
-from ..store import read_instance_table
+from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.store.instances import read_instance_table
 
 #: GeoJSON measurement / report field of the per-outline confidence (issue 11), when the run has it
 CONFIDENCE_FIELD = "confidence"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import Outline, QcInputs
+from nuclick_wsi.qc.data import Outline, QcInputs
 
 TILE = 144  #: displayed crop size, px
 

@@ -11,7 +11,7 @@ import html
 import json
 from typing import Any
 
-from .gallery import Crop
+from nuclick_wsi.qc.gallery import Crop
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;max-width:1500px}

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import NuclickError
-from ..slide import open_slide
-from .data import QcInputs
+from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.io.slides.registry import open_slide
+from nuclick_wsi.qc.data import QcInputs
 
 MAX_SIDE = 1000  #: overview size (px) of the slide's longer side
 

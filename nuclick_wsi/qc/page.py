@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from .data import QcInputs
-from .gallery import crops, pick
-from .html import esc, gallery, img_tag, json_block, kv_table, page
-from .overview import class_colours, open_report_slide, overview_figures
-from .plots import distributions, median_area_um2
+from nuclick_wsi.qc.data import QcInputs
+from nuclick_wsi.qc.gallery import crops, pick
+from nuclick_wsi.qc.html import esc, gallery, img_tag, json_block, kv_table, page
+from nuclick_wsi.qc.overview import class_colours, open_report_slide, overview_figures
+from nuclick_wsi.qc.plots import distributions, median_area_um2
 
 
 def _run_rows(rep: dict) -> list[tuple[str, object, str]]:
@@ -52,8 +52,8 @@ def build_page(inputs: QcInputs, reasons: dict[int, list[str]], n_review: int, t
     finally:
         slide.close()
     plots = distributions(inputs, colours)
-    measure = ("NuClick confidence (the model's per-outline confidence measure)" if inputs.measure == "confidence"
-               else "NuClick score (mean probability over the outline's pixels; this run has no confidence measure)")
+    measure = ("NuClick confidence (soft IoU of the outline with the probability map around it; 1 = crisp)"
+               if inputs.measure == "confidence" else "NuClick score (mean probability over the outline's pixels; this run has no confidence measure)")
     med = median_area_um2(inputs)
     why = Counter(r.split(" (")[0] for rs in reasons.values() for r in rs)
     counts = [("clicks", totals.get("clicks"), "clicks"), ("outlines (segmented)", len(inputs.outlines), "segmented"),

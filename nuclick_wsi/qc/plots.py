@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import QcInputs, finite
-from .overview import png_bytes
+from nuclick_wsi.qc.data import QcInputs, finite
+from nuclick_wsi.qc.overview import png_bytes
 
 
 def distributions(inputs: QcInputs, colours) -> bytes:

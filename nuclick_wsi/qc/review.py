@@ -4,7 +4,10 @@ Each doubtful outline (and each click that gave none) becomes an annotation of c
 "NuClick review" whose name says why, so the user walks the list in QuPath's Annotations tab.
 Reasons (each can be switched off or tuned in :class:`ReviewOptions`):
 
-- low confidence: below ``low_value`` or among the ``low_fraction`` least confident outlines;
+- low confidence: among the ``low_fraction`` least confident outlines of the run, or (with the
+  outline confidence of :mod:`nuclick_wsi.postprocess.confidence`, a soft IoU with the probability
+  map around the outline) below ``low_value``. Runs without it (older reports) rank by the mean
+  score instead, with the rank rule only;
 - area far from its class's median: outside [median / ``area_factor``, median * ``area_factor``];
 - clipped at the patch border: the outline touches the edge of the model's patch around its click;
 - click on the outline's edge: the click lies within ``edge_px`` model pixels of the boundary;
@@ -24,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 from shapely.geometry import Point, mapping
 
-from ..atomic import atomic_output
-from ..store import open_labels, stored_chunks
-from .data import Outline, QcInputs
+from nuclick_wsi._util.fs import atomic_output
+from nuclick_wsi.store.labels import open_labels, stored_chunks
+from nuclick_wsi.qc.data import Outline, QcInputs
 
 REVIEW_CLASS = "NuClick review"
 REVIEW_COLOR = [255, 0, 255]
@@ -35,8 +38,10 @@ REVIEW_MEASUREMENT = "NuClick review"  #: marker measurement (the outline's labe
 
 @dataclass(frozen=True)
 class ReviewOptions:
-    low_fraction: float = 0.02
-    low_value: float = 0.5  #: only for the ``confidence`` measure (the mean score is always >= the threshold)
+    low_fraction: float = 0.02  #: the least confident share of the run's outlines (at least one)
+    #: only for the ``confidence`` measure (the mean score is always >= the threshold): below 1/3 the
+    #: probability around the outline weighs at least twice the outline itself (a halo, not a nucleus)
+    low_value: float = 1 / 3
     area_factor: float = 3.0
     min_class_size: int = 5  #: classes with fewer outlines are compared with the median of all
     edge_px: float = 1.0
@@ -56,7 +61,7 @@ def _low_confidence(inputs: QcInputs, opts: ReviewOptions) -> dict[int, str]:
         if not ok[k]:
             continue
         if inputs.measure == "confidence" and o.value < opts.low_value:
-            out[o.label] = f"low confidence ({o.value:.3f} < {opts.low_value:g})"
+            out[o.label] = f"low confidence ({o.value:.3f} < {opts.low_value:.3g})"
         elif n_low and o.value <= cut:
             out[o.label] = (f"low {inputs.measure} ({o.value:.3f}, lowest {opts.low_fraction:.0%})")
     return out
