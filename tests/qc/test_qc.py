@@ -140,16 +140,21 @@ def test_report_rebuilds_without_the_model_and_says_what_is_missing(planted, tmp
     assert load_outputs(out, "planted").measure == "confidence"
 
 
-def test_reports_without_confidence_fall_back_to_the_score(planted, tmp_path):
-    """Reports written before the outline confidence existed: the mean score ranks the outlines."""
-    out, _, case = planted
-    copy = tmp_path / "old"
+def _with_click_records(out: Path, copy: Path, edit) -> Path:
+    """A copy of the planted outputs whose report's click records went through ``edit``."""
     shutil.copytree(out, copy)
     rep_path = copy / "planted.report.json"
     rep = json.loads(rep_path.read_text())
     for c in rep["clicks"]:
-        c.pop("confidence", None)
+        edit(c)
     rep_path.write_text(json.dumps(rep))
+    return copy
+
+
+def test_reports_without_confidence_fall_back_to_the_score(planted, tmp_path):
+    """Reports written before the outline confidence existed: the mean score ranks the outlines."""
+    out, _, case = planted
+    copy = _with_click_records(out, tmp_path / "old", lambda c: c.pop("confidence", None))
     assert load_outputs(copy, "planted").measure == "score"
     write_qc(copy, "planted")
     found = _review(copy)
@@ -314,15 +319,13 @@ def test_qupath_run_writes_the_results_index(tmp_path):
 def test_confidence_is_used_when_the_run_has_it(planted, tmp_path):
     """Runs with a per-outline ``confidence`` (issue 11): the page shows it, low values are flagged."""
     out, _, case = planted
-    copy = tmp_path / "conf"
-    shutil.copytree(out, copy)
-    rep_path = copy / "planted.report.json"
-    rep = json.loads(rep_path.read_text())
     ordinary = 3
-    for c in rep["clicks"]:
+
+    def one_low(c: dict) -> None:
         if c["status"] == "segmented":
             c["confidence"] = 0.3 if c["index"] == ordinary else 0.97
-    rep_path.write_text(json.dumps(rep))
+
+    copy = _with_click_records(out, tmp_path / "conf", one_low)
     assert load_outputs(copy, "planted").measure == "confidence"
     write_qc(copy, "planted")
     names = [f["properties"]["name"] for f in json.loads((copy / "planted.review.geojson").read_text())["features"]]
