@@ -90,7 +90,7 @@ def main() -> None:
         print(f"generated {slide.name} ({slide.stat().st_size / 1e6:.1f} MB) in {time.time() - t:.1f} s", file=sys.stderr)
     out = work / "out"
     cmd = [sys.executable, "-m", "nuclick_wsi.cli", "segment", str(slide), "--points", str(clicks), "-o", str(out),
-           "--quiet", "--device", args.device, "--batch-size", str(args.batch_size)]
+           "--quiet", "--device", args.device, "--batch-size", str(args.batch_size), "--no-qc"]
     if args.weights:
         cmd += ["--weights", args.weights]
     t = time.time()

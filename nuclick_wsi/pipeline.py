@@ -43,6 +43,7 @@ from nuclick_wsi.outputs import safety
 from nuclick_wsi.outputs.paths import output_paths, slide_stem
 from nuclick_wsi.outputs.report import segment_report
 from nuclick_wsi.postprocess.threshold import PostParams
+from nuclick_wsi.qc import qc_paths, write_qc
 from nuclick_wsi.records import Instance, Prompts
 from nuclick_wsi.store.labels import LabelStore
 
@@ -67,6 +68,7 @@ class SegmentOptions:
     progress: bool = True
     roi: bool = False  #: skip clicks outside the file's area annotations ("outside the ROI")
     squiggle_groups: Sequence[str] = ()  #: ASAP groups / ImageScope layers whose outlines are squiggles
+    qc: bool = False  #: also write S.qc.html and S.review.geojson (the CLI's default; see nuclick_wsi.qc)
 
 
 @dataclass
@@ -210,6 +212,11 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                                 dict(slide_path=slide_path, points_path=points_path, t_start=t_start))
     finally:
         slide.close()
+    if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
+        write_qc(out_dir, stem)
+    else:  # a page of an earlier run would show other outlines
+        for stale in qc_paths(out_dir, stem).values():
+            remove_path(stale)
     return SegmentResult(outputs=paths, report=report)
 
 

@@ -7,10 +7,12 @@ holds only fixtures.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.model.weights import LoadedModel
+from nuclick_wsi.workflows.qupath_project import safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository."""
@@ -193,11 +196,12 @@ def make_cohort(root: Path, n: int = 2, clicks: int = 5, size: tuple[int, int] =
 
 
 def deterministic_files(out: Path) -> dict[str, str]:
-    """sha256 of every output that must be byte-identical run to run (not reports, summary, logs)."""
+    """sha256 of every output that must be byte-identical run to run (not reports, QC pages, summary, logs)."""
     got = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
-        if p.is_dir() or rel.startswith("logs/") or rel.endswith(".report.json") or rel == "batch-summary.csv":
+        if (p.is_dir() or rel.startswith("logs/") or rel.endswith((".report.json", ".qc.html"))
+                or rel in ("batch-summary.csv", "index.html")):
             continue
         got[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return got
@@ -212,3 +216,56 @@ def leftovers(out: Path) -> list[str]:
 def batch_cli(manifest: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*NUCLICK, "batch", str(manifest), "-o", str(out), *args], env=SUB_ENV,
                           capture_output=True, text=True, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------------
+# QuPath-shaped project files
+
+OPENSLIDE = "qupath.lib.images.servers.openslide.OpenslideServerBuilder"
+
+
+def file_uri(path: Path) -> str:
+    """A file URI as Java's File.toURI writes it (``file:/a/b%20c.tif``)."""
+    return "file:" + quote(str(path.resolve()), safe="/()")
+
+
+def entry(path: Path | None, name: str, *, provider: str = OPENSLIDE, args=(), size=None, uri=None,
+          entry_id: int = 1, builder_type: str = "uri", mpp: float | None = 0.25) -> dict:
+    """One images[] entry as QuPath 0.5/0.6 writes it."""
+    meta = {"name": name, "sizeZ": 1, "sizeT": 1, "channelType": "DEFAULT", "isRGB": True, "pixelType": "UINT8"}
+    if size is not None:
+        meta.update(width=size[0], height=size[1])
+    if mpp is not None:
+        meta["pixelCalibration"] = {"pixelWidth": {"value": mpp, "unit": "µm"},
+                                    "pixelHeight": {"value": mpp, "unit": "µm"},
+                                    "zSpacing": {"value": 1.0, "unit": "z-slice"}, "timeUnit": "SECONDS", "timepoints": []}
+    builder = {"builderType": builder_type, "providerClassName": provider,
+               "uri": uri if uri is not None else file_uri(path), "args": list(args), "metadata": meta}
+    return {"serverBuilder": builder, "entryID": entry_id, "randomizedName": f"uuid-{entry_id}",
+            "imageName": name, "metadata": {}}
+
+
+def write_project(folder: Path, entries: list[dict], uri: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"version": "0.6.0", "createTimestamp": 1, "modifyTimestamp": 1,
+           "uri": uri or file_uri(folder / "project.qpproj"), "lastID": len(entries), "images": entries}
+    path = folder / "project.qpproj"
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def point_feature(x: float, y: float, cls: str | None = None) -> dict:
+    props = {"objectType": "annotation"}
+    if cls:
+        props["classification"] = {"name": cls, "color": [200, 0, 0]}
+    return {"type": "Feature", "id": "0b1c0e37-0000-4000-8000-000000000000",
+            "geometry": {"type": "Point", "coordinates": [x, y]}, "properties": props}
+
+
+def write_clicks(project: Path, name: str, features: list[dict]) -> Path:
+    """PROJECT/nuclick/clicks/<name>.geojson as export_clicks.groovy writes it."""
+    folder = project.parent / "nuclick" / "clicks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{safe_name(name)}.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
+    return path

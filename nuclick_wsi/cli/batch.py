@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, slide_options
+from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, qc_option, slide_options
 
 
 @click.command()
@@ -33,12 +33,13 @@ from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, 
               help="Run nothing: write OUT/batch-summary.csv from what is there; exit 1 unless every row is complete.")
 @click.option("--dry-run", "-n", is_flag=True, help="Check the manifest and show what would run; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary table.")
+@qc_option()
 @slide_options
 @model_options
 @fail_cleanly
 def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, only, task_index,
           rows_per_task, wait, stale_lock_after, slides_in_flight, gland_weights, no_summary, summary_only, dry_run, quiet, mpp,
-          bounds_offset, reader, weights, device, batch_size, precision) -> None:
+          bounds_offset, reader, weights, device, batch_size, precision, qc=True) -> None:
     """Segment every row of MANIFEST (CSV: slide,points[,mpp,weights,stem]) into OUT/<stem>.*.
 
     Every row is checked before any work starts. Slides whose outputs are complete are skipped, so a
@@ -57,7 +58,7 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
     if man.ignored_columns and not quiet:
         click.echo(f"{manifest}: ignoring column(s) {', '.join(man.ignored_columns)}", err=True)
     seg = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
-                         device=device, precision=precision, batch_size=batch_size, gzip=gzip, progress=False)
+                         device=device, precision=precision, batch_size=batch_size, gzip=gzip, progress=False, qc=qc)
     models = Models.from_flags(weights, gland_weights, threshold=threshold, min_object_px=min_object_px,
                                min_hole_px=min_hole_px)
     opts = BatchOptions(segment=seg, only=only, task_index=task_index, rows_per_task=rows_per_task,

@@ -68,6 +68,13 @@ def check_mpp(ctx, param, value: float | None) -> float | None:
     return value
 
 
+def qc_option():
+    """--qc/--no-qc of segment, batch and qupath run (the report itself: nuclick_wsi.qc)."""
+    return click.option("--qc/--no-qc", default=True, show_default=True,
+                        help="Write S.qc.html (pictures to check) and S.review.geojson (doubtful outlines) per slide; "
+                             "batch and qupath run also index.html (one row per slide).")
+
+
 def slide_options(fn):
     """Options shared by the commands that read slides."""
     return _apply(fn, [

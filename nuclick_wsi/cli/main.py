@@ -8,6 +8,7 @@ from nuclick_wsi import __version__
 from nuclick_wsi.cli.batch import batch, manifest_cmd
 from nuclick_wsi.cli.evaluate import evaluate
 from nuclick_wsi.cli.qupath import qupath
+from nuclick_wsi.cli.report import report_cmd
 from nuclick_wsi.cli.segment import segment
 from nuclick_wsi.cli.train import train
 
@@ -18,7 +19,7 @@ def main() -> None:
     """NuClick on whole-slide images: clicks in QuPath/ASAP -> nucleus outlines."""
 
 
-for command in (segment, train, evaluate, qupath, batch, manifest_cmd):
+for command in (segment, train, evaluate, qupath, batch, manifest_cmd, report_cmd):
     main.add_command(command)
 
 

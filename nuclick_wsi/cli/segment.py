@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, slide_options
+from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, qc_option, slide_options
 
 
 @click.command()
@@ -26,21 +26,24 @@ from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, 
               help="Gland model for the squiggles (lines) of POINTS, beside the nucleus model (see README: Glands).")
 @click.option("--squiggle-group", "squiggle_groups", multiple=True, metavar="NAME",
               help="ASAP group / ImageScope layer whose lines are squiggles (repeatable; QuPath lines always are).")
+@qc_option()
 @slide_options
 @model_options
 @fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
             roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, weights, device, batch_size,
-            precision) -> None:
+            precision, qc=True) -> None:
     """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
     from nuclick_wsi.pipeline import Models, SegmentOptions, segment as run_segment
 
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                           device=device, precision=precision, batch_size=batch_size, gzip=gzip, progress=not quiet,
-                          roi=roi, squiggle_groups=squiggle_groups)
+                          roi=roi, squiggle_groups=squiggle_groups, qc=qc)
     models = Models.from_flags(weights, gland_weights, task=task, threshold=threshold, min_object_px=min_object_px,
                                min_hole_px=min_hole_px)
     result = run_segment(slide, points, out_dir, options=opts, models=models, stem=stem)
+    if qc and "qupath" not in formats:
+        click.echo("no QC report: it reads the QuPath outlines (add qupath to --format)", err=True)
     t = result.report["totals"]
     if not quiet:
         click.echo(f"{t['segmented']} of {t['clicks']} clicks segmented ({result.report['timings_s']['nuclei_per_s']} nuclei/s); "

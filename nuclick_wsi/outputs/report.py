@@ -18,11 +18,26 @@ def skipped_by_reason(records: list[dict[str, Any]]) -> dict[str, int]:
     return reasons
 
 
+def card_figures(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The model card's held-out figures (overall, per click jitter) from a checkpoint's metadata."""
+    held = (metadata or {}).get("held_out") or {}
+    out = {}
+    for key, val in held.items():
+        if isinstance(val, dict) and isinstance((val.get("overall") or {}).get("model"), dict):
+            out[key] = {"jitter_px": val.get("jitter"), "objects": val.get("objects"), **val["overall"]["model"]}
+    return {"tiles": held.get("tiles"), "figures": out} if out else None
+
+
 def model_section(model, run) -> dict[str, Any]:
-    """The nucleus model's report section: where it came from and its thresholds (model pixels)."""
+    """The nucleus model's report section: where it came from, its thresholds (model pixels) and, when
+    its card has them, its held-out figures (shown by the QC page)."""
     scale = run.strategy.scale  # the thresholds as run (level-0 px) back in model px, as reports always gave them
     post = run.params.scaled(1 / scale ** 2) if scale != 1 else run.params
-    return {"source": model.source, "arch": model.arch, "patch_size": model.patch_size, "postprocess": asdict(post)}
+    section = {"source": model.source, "arch": model.arch, "patch_size": model.patch_size, "postprocess": asdict(post)}
+    figures = card_figures(model.metadata)
+    if figures:
+        section["held_out"] = figures
+    return section
 
 
 def gland_model_section(model, run) -> dict[str, Any]:

@@ -45,6 +45,7 @@ __all__ = [
     "is_complete",
     "level_shapes",
     "open_labels",
+    "stored_chunks",
 ]
 
 NGFF_VERSION = "0.4"
@@ -109,6 +110,11 @@ def _stored_chunks(root: Path, level: int) -> set[tuple[int, int]]:
         if row.is_dir() and row.name.isdigit():
             found.update((int(row.name), int(col.name)) for col in os.scandir(row.path) if col.name.isdigit())
     return found
+
+
+def stored_chunks(path: str | os.PathLike, level: int = 0) -> set[tuple[int, int]]:
+    """Indices (cy, cx) of the chunks of a store's level that hold labels (the others are all 0)."""
+    return _stored_chunks(Path(path), level)
 
 
 def _chunk_slices(cy: int, cx: int, chunk: int, shape: tuple[int, int]) -> tuple[slice, slice]:

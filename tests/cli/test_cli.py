@@ -86,7 +86,8 @@ def test_segment_writes_outputs_and_says_what_it_did(case):
     slide, pts, out = case
     result = invoke(*segment_args(slide, pts, out))
     assert result.exit_code == 0, result.output
-    assert files_in(out) == ["slide.geojson", "slide.labels.zarr", "slide.report.json"]
+    assert files_in(out) == ["slide.geojson", "slide.labels.zarr", "slide.qc.html", "slide.report.json",
+                             "slide.review.geojson"]
     assert "2 of 3 clicks segmented" in result.stderr
     assert "skipped 1: outside the slide" in result.stderr
     report = json.loads((out / "slide.report.json").read_text())
@@ -113,8 +114,8 @@ def test_all_formats_cell_and_gzip(case):
     result = invoke(*segment_args(slide, pts, out, "-q", "--format", "qupath,asap,geoparquet",
                                   "--object-type", "cell", "--gzip"))
     assert result.exit_code == 0, result.output
-    assert files_in(out) == ["slide.geojson.gz", "slide.labels.zarr", "slide.parquet", "slide.report.json",
-                             "slide.xml"]
+    assert files_in(out) == ["slide.geojson.gz", "slide.labels.zarr", "slide.parquet", "slide.qc.html",
+                             "slide.report.json", "slide.review.geojson", "slide.xml"]
     feats = json.loads(gzip.decompress((out / "slide.geojson.gz").read_bytes()))["features"]
     assert len(feats) == 2
     assert all(f["properties"]["objectType"] == "cell" and f["nucleusGeometry"] == f["geometry"] for f in feats)
@@ -135,9 +136,10 @@ def test_stem_and_rerun(case):
     slide, pts, out = case
     assert invoke(*segment_args(slide, pts, out, "-q", "--stem", "S1")).exit_code == 0
     first = (out / "S1.geojson").read_bytes()
-    assert invoke(*segment_args(slide, pts, out, "-q", "--stem", "S1")).exit_code == 0
+    assert "S1.qc.html" in files_in(out)
+    assert invoke(*segment_args(slide, pts, out, "-q", "--stem", "S1", "--no-qc")).exit_code == 0
     assert (out / "S1.geojson").read_bytes() == first
-    assert files_in(out) == ["S1.geojson", "S1.labels.zarr", "S1.report.json"]
+    assert files_in(out) == ["S1.geojson", "S1.labels.zarr", "S1.report.json"]  # --no-qc: the earlier page goes
 
 
 def test_real_checkpoint_through_the_cli(case, tmp_path):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from shapely.geometry import Point, box
 from click.testing import CliRunner
-from tests.helpers import ROOT, dark_model, disk_model, write_leica_scn, write_tiff_slide
+from tests.helpers import (OPENSLIDE, ROOT, dark_model, disk_model, entry, file_uri, point_feature, write_clicks,
+                           write_leica_scn, write_project, write_tiff_slide)
 
 from nuclick_wsi.workflows import qupath_project as qp
 from nuclick_wsi.io.annotations import read_prompts, read_qupath_polygons, write_qupath
@@ -27,59 +28,11 @@ from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 from nuclick_wsi.records import Click, Instance, Prompts
 
 SCRIPTS = ROOT / "workflows" / "qupath"
-OPENSLIDE = "qupath.lib.images.servers.openslide.OpenslideServerBuilder"
 BIOFORMATS = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
 
 
 # --------------------------------------------------------------------------------------------
-# helpers: QuPath-shaped project files
-
-
-def file_uri(path: Path) -> str:
-    """A file URI as Java's File.toURI writes it (``file:/a/b%20c.tif``)."""
-    return "file:" + quote(str(path.resolve()), safe="/()")
-
-
-def entry(path: Path | None, name: str, *, provider: str = OPENSLIDE, args=(), size=None, uri=None,
-          entry_id: int = 1, builder_type: str = "uri", mpp: float | None = 0.25) -> dict:
-    """One images[] entry as QuPath 0.5/0.6 writes it."""
-    meta = {"name": name, "sizeZ": 1, "sizeT": 1, "channelType": "DEFAULT", "isRGB": True, "pixelType": "UINT8"}
-    if size is not None:
-        meta.update(width=size[0], height=size[1])
-    if mpp is not None:
-        meta["pixelCalibration"] = {"pixelWidth": {"value": mpp, "unit": "µm"},
-                                    "pixelHeight": {"value": mpp, "unit": "µm"},
-                                    "zSpacing": {"value": 1.0, "unit": "z-slice"}, "timeUnit": "SECONDS", "timepoints": []}
-    builder = {"builderType": builder_type, "providerClassName": provider,
-               "uri": uri if uri is not None else file_uri(path), "args": list(args), "metadata": meta}
-    return {"serverBuilder": builder, "entryID": entry_id, "randomizedName": f"uuid-{entry_id}",
-            "imageName": name, "metadata": {}}
-
-
-def write_project(folder: Path, entries: list[dict], uri: str | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    doc = {"version": "0.6.0", "createTimestamp": 1, "modifyTimestamp": 1,
-           "uri": uri or file_uri(folder / "project.qpproj"), "lastID": len(entries), "images": entries}
-    path = folder / "project.qpproj"
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-def point_feature(x: float, y: float, cls: str | None = None) -> dict:
-    props = {"objectType": "annotation"}
-    if cls:
-        props["classification"] = {"name": cls, "color": [200, 0, 0]}
-    return {"type": "Feature", "id": "0b1c0e37-0000-4000-8000-000000000000",
-            "geometry": {"type": "Point", "coordinates": [x, y]}, "properties": props}
-
-
-def write_clicks(project: Path, name: str, features: list[dict]) -> Path:
-    """PROJECT/nuclick/clicks/<name>.geojson as export_clicks.groovy writes it."""
-    folder = project.parent / "nuclick" / "clicks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{qp.safe_name(name)}.geojson"
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
-    return path
+# fixtures: QuPath-shaped projects
 
 
 @pytest.fixture
@@ -446,6 +399,11 @@ def test_scripts_match_the_python_side(script, folder):
     assert _groovy_const(text, "RESULT_MARKER") == qp.RESULT_MARKER
     assert _groovy_const(text, "UNSAFE_FILENAME") == qp.UNSAFE_FILENAME
     assert _groovy_const(text, "EMPTY_NAME") == qp.EMPTY_NAME
+    if script == "import_results.groovy":  # the review list (nuclick_wsi.qc) is offered, off by default
+        from nuclick_wsi.qc.review import REVIEW_MEASUREMENT
+
+        assert _groovy_const(text, "REVIEW_MARKER") == REVIEW_MEASUREMENT
+        assert "def IMPORT_REVIEW = false" in text and "fileName + '.review.geojson'" in text
     paths = re.findall(r"buildFilePath\(PROJECT_BASE_DIR, ([^)]*)\)", text)
     assert paths == [", ".join(f"'{p}'" for p in folder)]
     assert "fileName + '.geojson'" in text and "getProjectEntry()" in text

@@ -8,6 +8,12 @@
  * their IDs (nuclick-wsi gives each nucleus a deterministic UUID, kept by QuPath on import).
  * Your clicks, lines and other objects are left alone.
  *
+ * Review list: set IMPORT_REVIEW = true (below) to also import <image name>.review.geojson, the
+ * outlines worth a second look as annotations of class "NuClick review", each named with its
+ * reason (low confidence, area far from its class's median, clipped at the patch border, click on
+ * the outline's edge, merged into a neighbour's territory, no outline). Walk them in the
+ * Annotations tab; delete each once checked. Importing again replaces the earlier review list.
+ *
  * Run it for every image: Automate > Script editor > open this file > Run > Run for project
  * (or headless, saving the images' data:  QuPath script -p /path/to/project.qpproj -s import_results.groovy).
  *
@@ -23,6 +29,9 @@ import qupath.lib.io.PathIO
 def RESULT_MARKER = 'NuClick score'
 def UNSAFE_FILENAME = $/[\\/:*?"<>|\x00-\x1F\x7F]+/$
 def EMPTY_NAME = 'unnamed'
+// Shared with nuclick_wsi/qc/review.py (REVIEW_MEASUREMENT); a test checks they match.
+def REVIEW_MARKER = 'NuClick review'
+def IMPORT_REVIEW = false  // true: also import <image>.review.geojson (the review list)
 
 def entry = getProjectEntry()
 if (entry == null) {
@@ -58,6 +67,21 @@ if (!earlier.isEmpty())
 hierarchy.addObjects(objects)
 fireHierarchyUpdate()
 println "nuclick-wsi: ${imageName}: removed ${earlier.size()} earlier NuClick objects, imported ${objects.size()} from ${plain.isFile() ? plain : gzipped}"
+
+if (IMPORT_REVIEW) {
+    def reviewFile = new File(dir, fileName + '.review.geojson')
+    if (!reviewFile.isFile()) {
+        println "nuclick-wsi: ${imageName}: no review list (${reviewFile}); `nuclick-wsi report ${dir}` writes it"
+        return
+    }
+    def review = PathIO.readObjects(reviewFile)
+    def oldReview = hierarchy.getAllObjects(false).findAll { o -> o.getMeasurementList().containsKey(REVIEW_MARKER) }
+    if (!oldReview.isEmpty())
+        hierarchy.removeObjects(oldReview, true)
+    hierarchy.addObjects(review)
+    fireHierarchyUpdate()
+    println "nuclick-wsi: ${imageName}: review list: ${review.size()} annotations of class 'NuClick review' from ${reviewFile}"
+}
 
 
 /** The file-name form of an image name: each run of characters illegal in file names becomes '_'. */

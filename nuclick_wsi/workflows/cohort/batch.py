@@ -25,6 +25,7 @@ from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.outputs.safety import refuse_input_among
 from nuclick_wsi.outputs.signals import signals_as_interrupt
 from nuclick_wsi.pipeline import SegmentOptions, segment
+from nuclick_wsi.qc import index_row, write_index
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -211,6 +212,8 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     batch = BatchResult(results=results, selected=[r.stem for r in rows])
     if opts.summary:
         batch.summary_path = write_summary(out, results, stale_after=opts.stale_after)
+    if opts.segment.qc:  # OUT/index.html: one row per slide, linking each S.qc.html
+        write_index(out, [index_row(out, r.row.stem, r.status, seconds=r.seconds, error=r.error) for r in results])
     return batch
 
 

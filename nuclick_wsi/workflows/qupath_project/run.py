@@ -18,6 +18,7 @@ from nuclick_wsi.errors import ModelError, NuclickError
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.pipeline import SegmentOptions, segment
+from nuclick_wsi.qc import index_row, write_index
 from nuclick_wsi.io.slides.registry import open_slide
 
 
@@ -132,6 +133,9 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
     run = ProjectRun(project=proj, images=outcomes)
     if any(o.status != "no clicks" for o in outcomes):
         run.summary_path = _write_summary(run)
+        if opts.qc:  # results/index.html: one row per image, linking each <image>.qc.html
+            write_index(results, [index_row(results, img.file_name, o.status, seconds=o.seconds, error=o.message)
+                                  for img, o in zip(proj.images, outcomes) if o.status != "no clicks"])
     return run
 
 
