@@ -43,7 +43,7 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 
 
 def slide_options(fn):
-    """Options shared by the commands that read slides."""
+    """Options shared by the commands that read slides (and write label stores)."""
     for deco in reversed([
         click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Level-0 um/px of the slide; overrides the file's value."),
@@ -52,6 +52,8 @@ def slide_options(fn):
                           "--no-bounds-offset for projects that opened slides uncropped."),
         click.option("--reader", type=click.Choice(["auto", "openslide", "tifffile", "pillow", "tiatoolbox"]),
                      default="auto", show_default=True, help="Slide reader."),
+        click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True,
+                     help="Label stores: OME-NGFF 0.4 in zarr v2 (QuPath 0.6 reads it) or 0.5 in zarr v3."),
     ]):
         fn = deco(fn)
     return fn
@@ -107,15 +109,15 @@ def main() -> None:
 @model_options
 @_fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
-            roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, weights, device, batch_size,
-            precision) -> None:
+            roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, ngff, weights, device,
+            batch_size, precision) -> None:
     """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
     from .pipeline import SegmentOptions, segment as run_segment
 
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                           device=device, precision=precision, batch_size=batch_size, threshold=threshold,
                           min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=not quiet,
-                          roi=roi, task=task, squiggle_groups=squiggle_groups)
+                          roi=roi, task=task, squiggle_groups=squiggle_groups, ngff=ngff)
     result = run_segment(slide, points, out_dir, options=opts, weights=weights, stem=stem, gland_weights=gland_weights)
     t = result.report["totals"]
     if not quiet:
@@ -236,8 +238,8 @@ def qupath() -> None:
 @slide_options
 @model_options
 @_fail_cleanly
-def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, mpp, bounds_offset, reader, weights,
-               device, batch_size, precision) -> None:
+def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, mpp, bounds_offset, reader, ngff,
+               weights, device, batch_size, precision) -> None:
     """Segment PROJECT/nuclick/clicks/<image>.geojson for each image of PROJECT (project.qpproj or its folder).
 
     Results go to PROJECT/nuclick/results/<image>.geojson (+ .labels.zarr, .report.json) for
@@ -252,7 +254,7 @@ def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, 
     forced = None if ctx.get_parameter_source("bounds_offset") == click.core.ParameterSource.DEFAULT else bounds_offset
     proj = read_project(project)
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, reader=reader, device=device,
-                          precision=precision, batch_size=batch_size, progress=False, roi=roi)
+                          precision=precision, batch_size=batch_size, progress=False, roi=roi, ngff=ngff)
     log = None if quiet else (lambda line: click.echo(line, err=True))
     run = run_project(proj, options=opts, weights=weights, gland_weights=gland_weights, bounds_offset=forced,
                       force=force, log=log)
@@ -316,7 +318,7 @@ def _batch_output_options(fn):
 @_fail_cleanly
 def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, only, task_index,
           rows_per_task, wait, stale_lock_after, slides_in_flight, gland_weights, no_summary, summary_only, dry_run, quiet, mpp,
-          bounds_offset, reader, weights, device, batch_size, precision) -> None:
+          bounds_offset, reader, ngff, weights, device, batch_size, precision) -> None:
     """Segment every row of MANIFEST (CSV: slide,points[,mpp,weights,stem]) into OUT/<stem>.*.
 
     Every row is checked before any work starts. Slides whose outputs are complete are skipped, so a
@@ -335,7 +337,7 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
         click.echo(f"{manifest}: ignoring column(s) {', '.join(man.ignored_columns)}", err=True)
     seg = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                          device=device, precision=precision, batch_size=batch_size, threshold=threshold,
-                         min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=False)
+                         min_object_px=min_object_px, min_hole_px=min_hole_px, gzip=gzip, progress=False, ngff=ngff)
     opts = BatchOptions(segment=seg, weights=weights, gland_weights=gland_weights, only=only, task_index=task_index, rows_per_task=rows_per_task,
                         stale_after=stale_lock_after, wait=wait, slides_in_flight=slides_in_flight,
                         summary=not no_summary)

@@ -413,7 +413,7 @@ class GlandRun:
             bar = tqdm(total=n, desc=f"{self.stem} glands", unit="glands", file=sys.stderr, dynamic_ncols=True)
         try:
             store = LabelStore.create(path, self.slide.width, self.slide.height, chunk=options.chunk, name="glands",
-                                      mpp=self.mpp)
+                                      mpp=self.mpp, ngff_version=options.ngff)
             self.run(store, bar)
             t = time.perf_counter()
             self.instances.sort(key=lambda i: i.label)

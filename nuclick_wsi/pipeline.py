@@ -58,6 +58,7 @@ class SegmentOptions:
     min_hole_px: float | None = None
     duplicate_px: float = 2.0
     chunk: int = 1024
+    ngff: str = "0.4"  #: label stores: "0.4" (zarr v2, QuPath 0.6 reads it) or "0.5" (zarr v3)
     gzip: bool = False
     progress: bool = True
     roi: bool = False  #: skip clicks outside the file's area annotations ("outside the ROI")
@@ -384,7 +385,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             progress = tqdm(total=n_valid, desc=f"{stem}", unit="nuclei", file=sys.stderr, dynamic_ncols=True)
         temps = {k: temp_path_for(p) for k, p in paths.items()}
         try:
-            store = LabelStore.create(temps["labels"], slide.width, slide.height, chunk=opts.chunk, name="nuclei", mpp=mpp)
+            store = LabelStore.create(temps["labels"], slide.width, slide.height, chunk=opts.chunk, name="nuclei", mpp=mpp,
+                                      ngff_version=opts.ngff)
             run.run(store, progress)
             t = time.perf_counter()
             run.instances.sort(key=lambda i: i.label)
