@@ -109,6 +109,20 @@ def test_ome_zarr_reader_gives_the_same_arrays(segmented, version):
     assert node.metadata["coordinateTransformations"][1] == [{"type": "scale", "scale": [0.5, 0.5]}]
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_napari_ome_zarr_opens_a_labels_layer(segmented, version):
+    """napari-ome-zarr's own reader (0.10+ no longer goes through ome-zarr); CI installs it (README)."""
+    napari_ome_zarr = pytest.importorskip("napari_ome_zarr")
+    path = str(segmented[version][0] / "slide.labels.zarr")
+    reader = napari_ome_zarr.napari_get_reader(path)
+    assert reader is not None
+    ((data, kwargs, kind),) = reader(path)
+    assert kind == "labels" and len(data) == 3 and kwargs["scale"] == [0.25, 0.25]
+    level0 = open_labels(path)[:]
+    for k, level in enumerate(data):
+        np.testing.assert_array_equal(np.asarray(level), level0[:: 2**k, :: 2**k])
+
+
 def test_both_layouts_hold_the_same_labels_table_and_polygons(segmented):
     (a, _), (b, _) = segmented["0.4"], segmented["0.5"]
     np.testing.assert_array_equal(open_labels(a / "slide.labels.zarr")[:], open_labels(b / "slide.labels.zarr")[:])
