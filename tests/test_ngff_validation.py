@@ -30,7 +30,9 @@ from nuclick_wsi.store import LabelStore, is_complete, level_shapes, open_labels
 
 VERSIONS = ("0.4", "0.5")
 VALIDATOR = {"0.4": v04.ImageLabel, "0.5": v05.ImageLabel}
-ASAP_XSD = Path(__file__).parent / "data" / "asap_annotations.xsd"
+# Built at import (test collection): TIAToolbox 2.x calls defusedxml.defuse_stdlib() when its slide
+# readers load, replacing xml.etree's iterparse process-wide, and xmlschema then refuses to build a schema.
+ASAP_SCHEMA = xmlschema.XMLSchema(Path(__file__).parent / "data" / "asap_annotations.xsd")
 W, H, C = 300, 200, 64
 
 
@@ -218,8 +220,7 @@ def test_geojson_is_valid_and_reads_back_with_geopandas(segmented):
 
 def test_asap_xml_matches_the_schema_asap_reads(segmented):
     out, report = segmented["0.4"]
-    schema = xmlschema.XMLSchema(ASAP_XSD)
-    schema.validate(out / "slide.xml")
+    ASAP_SCHEMA.validate(out / "slide.xml")
     root = ET.parse(out / "slide.xml").getroot()
     groups = {g.get("Name") for g in root.iter("Group")}
     anns = root.find("Annotations").findall("Annotation")
@@ -233,7 +234,7 @@ def test_asap_xml_matches_the_schema_asap_reads(segmented):
 
 
 def test_asap_schema_is_strict(tmp_path):
-    schema = xmlschema.XMLSchema(ASAP_XSD)
+    schema = ASAP_SCHEMA
     good = ('<ASAP_Annotations><Annotations><Annotation Name="1" Type="Polygon" PartOfGroup="None" Color="#F4FA58">'
             '<Coordinates><Coordinate Order="0" X="1" Y="2"/></Coordinates></Annotation></Annotations>'
             '<AnnotationGroups/></ASAP_Annotations>')
