@@ -791,9 +791,10 @@ def _totals(report: dict[str, Any] | None) -> tuple[int | None, int | None, floa
     return t.get("clicks"), t.get("segmented"), (report.get("timings_s") or {}).get("wall")
 
 
-def row_complete(row: ManifestRow, paths: dict[str, Path]) -> bool:
-    """Outputs complete, and written after the slide and its clicks last changed (else: redo)."""
-    if not outputs_complete(paths):
+def row_complete(row: ManifestRow, paths: dict[str, Path], ngff: str | None = None) -> bool:
+    """Outputs complete (label stores of NGFF ``ngff`` if given), and written after the slide and its
+    clicks last changed (else: redo)."""
+    if not outputs_complete(paths, ngff):
         return False
     try:
         done = paths["report"].stat().st_mtime
@@ -806,7 +807,7 @@ def disk_state(row: ManifestRow, out_dir: Path, opts: BatchOptions) -> SlideResu
     """A row's state from what is in ``out_dir`` (complete, failed, running or pending)."""
     so = opts.segment
     paths = output_paths(out_dir, row.stem, so.formats, so.gzip)
-    if row_complete(row, paths):
+    if row_complete(row, paths, so.ngff):
         return SlideResult(row, "complete", *_totals(_read_json(paths["report"])))
     holder = FileLock(out_dir / f"{row.stem}{LOCK_SUFFIX}", opts.stale_after).state()
     if holder is not False:
@@ -833,7 +834,7 @@ def process_row(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: _Mo
         remove_temporaries(out_dir, stem_file_names(row.stem))
         so = opts.segment
         paths = output_paths(out_dir, row.stem, so.formats, so.gzip)
-        if row_complete(row, paths):
+        if row_complete(row, paths, so.ngff):
             _remove(failed_path)
             return SlideResult(row, "complete", *_totals(_read_json(paths["report"])))
         t0 = time.perf_counter()

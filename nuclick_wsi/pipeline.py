@@ -89,10 +89,11 @@ def output_paths(out_dir: str | os.PathLike, stem: str, formats: Sequence[str], 
     return paths
 
 
-def outputs_complete(paths: dict[str, Path]) -> bool:
-    """True when every output exists and the label store is complete (the report is written last)."""
-    return (all(p.exists() for p in paths.values()) and is_complete(paths["labels"])
-            and ("glands" not in paths or is_complete(paths["glands"])))
+def outputs_complete(paths: dict[str, Path], ngff: str | None = None) -> bool:
+    """True when every output exists and the label store is complete (the report is written last);
+    with ``ngff``, only label stores of that NGFF version count."""
+    return (all(p.exists() for p in paths.values()) and is_complete(paths["labels"], ngff)
+            and ("glands" not in paths or is_complete(paths["glands"], ngff)))
 
 
 def slide_stem(path: str | os.PathLike) -> str:

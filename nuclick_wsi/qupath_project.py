@@ -379,9 +379,9 @@ class ProjectRun:
         return out
 
 
-def _fresh(paths: dict[str, Path], clicks: Path) -> bool:
-    """Complete outputs written after the clicks file was last changed."""
-    if not outputs_complete(paths):
+def _fresh(paths: dict[str, Path], clicks: Path, ngff: str | None = None) -> bool:
+    """Complete outputs (label stores of NGFF ``ngff`` if given) written after the clicks file last changed."""
+    if not outputs_complete(paths, ngff):
         return False
     return paths["report"].stat().st_mtime >= clicks.stat().st_mtime
 
@@ -511,7 +511,7 @@ def _prepare(proj: QuPathProject, image: ProjectImage, out: ImageOutcome, opts: 
     if image.problem:
         raise NuclickError(image.problem)
     paths = output_paths(proj.results_dir, image.file_name, opts.formats, opts.gzip)
-    if not force and _fresh(paths, out.clicks):
+    if not force and _fresh(paths, out.clicks, opts.ngff):
         out.status, out.message = "complete", "results complete and newer than the clicks"
         out.outputs = {k: str(p) for k, p in paths.items()}
         return None

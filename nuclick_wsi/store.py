@@ -432,13 +432,15 @@ def _levels_ok(group: zarr.Group, datasets: list[dict[str, Any]]) -> bool:
     return True
 
 
-def is_complete(path: str | os.PathLike) -> bool:
+def is_complete(path: str | os.PathLike, ngff_version: str | None = None) -> bool:
     """Whether a label store was finalized: metadata, every pyramid level and the table present.
 
     Parameters
     ----------
     path : path-like
         Folder of the store.
+    ngff_version : {"0.4", "0.5"}, optional
+        Only a store of this NGFF version counts (a store of the other version is to be redone).
 
     Returns
     -------
@@ -455,6 +457,8 @@ def is_complete(path: str | os.PathLike) -> bool:
         attrs = group.attrs.asdict()
         found = ngff.read_ngff(attrs)
         if found is None or found[0] != attrs[_OUR_KEY].get("ngff", ngff.DEFAULT_NGFF):
+            return False
+        if ngff_version is not None and found[0] != ngff_version:
             return False
         if ngff.zarr_format(found[0]) != group.metadata.zarr_format:
             return False

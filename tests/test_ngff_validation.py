@@ -243,3 +243,28 @@ def test_asap_schema_is_strict(tmp_path):
                 good.replace('Type="Polygon"', 'Type="Polyline"'), good.replace("<AnnotationGroups/>", ""),
                 good.replace("<Coordinates>", "<Coordinates><Point/>")):
         assert not schema.is_valid(bad), bad
+
+
+# ---------------------------------------------------------------------------------------------
+# batch: --ngff through the command, reruns, a change of version
+
+
+def test_batch_ngff_05_reruns_identical_and_a_version_change_redoes(tmp_path):
+    from test_cohort import batch_cli, deterministic_files, make_cohort
+
+    manifest = make_cohort(tmp_path, n=2)
+    runs = {}
+    for name, version in (("a", "0.5"), ("b", "0.5"), ("c", "0.4")):
+        res = batch_cli(manifest, tmp_path / name, "--ngff", version, "--batch-size", "4")
+        assert res.returncode == 0, res.stderr
+        runs[name] = deterministic_files(tmp_path / name)
+    assert runs["a"] == runs["b"] and "s0.labels.zarr/zarr.json" in runs["a"]
+    assert "s0.labels.zarr/.zgroup" in runs["c"] and runs["c"]["s0.geojson"] == runs["a"]["s0.geojson"]
+    for stem in ("s0", "s1"):
+        VALIDATOR["0.5"].from_zarr(zarr.open_group(str(tmp_path / "a" / f"{stem}.labels.zarr"), mode="r"))
+    # the 0.4 outputs are not complete for --ngff 0.5: redone in 0.5, then complete
+    res = batch_cli(manifest, tmp_path / "c", "--ngff", "0.5", "--batch-size", "4")
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("2 segmented"), res.stdout + res.stderr
+    assert deterministic_files(tmp_path / "c") == runs["a"]
+    res = batch_cli(manifest, tmp_path / "c", "--ngff", "0.5", "--batch-size", "4")
+    assert res.stdout.rstrip().endswith("2 complete"), res.stdout
