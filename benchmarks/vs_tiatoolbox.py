@@ -48,7 +48,7 @@ def resolve_weights(spec: str, tmp: Path, seed: int) -> Path:
         torch.save(NuClick(num_input_channels=5, num_output_channels=1).state_dict(), path)
         return path
     if spec.startswith("tiatoolbox:"):
-        from nuclick_wsi.tia import tiatoolbox_weights_path
+        from nuclick_wsi.model.tiatoolbox_weights import tiatoolbox_weights_path
 
         return tiatoolbox_weights_path(spec)[0]
     return Path(spec)
@@ -171,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from nuclick_wsi.annotations import read_prompts
+    from nuclick_wsi.io.annotations import read_prompts
     from nuclick_wsi.errors import NuclickError
-    from nuclick_wsi.models.weights import load_model
-    from nuclick_wsi.slide import open_slide
-    from nuclick_wsi.store import open_labels
+    from nuclick_wsi.model.weights import load_model
+    from nuclick_wsi.io.slides.registry import open_slide
+    from nuclick_wsi.store.labels import open_labels
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -68,6 +68,8 @@ class Instance:
     score: float = 0.0  #: mean model probability over the instance's pixels
     prompt_index: int = 0  #: index of the click (or squiggle) it came from
     kind: str = "nucleus"  #: "nucleus" (from a click) or "gland" (from a squiggle)
+    #: soft IoU of the outline with the probability map around it (postprocess/confidence.py); None if unknown
+    confidence: float | None = None
 
 
 def outcome(instance: Instance | None, reason: str) -> dict[str, Any]:
@@ -75,4 +77,5 @@ def outcome(instance: Instance | None, reason: str) -> dict[str, Any]:
     if instance is None:
         return {"status": "skipped", "instance_id": None, "reason": reason}
     return {"status": "segmented", "instance_id": instance.label, "uuid": instance.uuid,
-            "area_px": instance.area_px, "score": round(instance.score, 4)}
+            "area_px": instance.area_px, "score": round(instance.score, 4),
+            "confidence": None if instance.confidence is None else round(instance.confidence, 4)}

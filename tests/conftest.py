@@ -1,16 +1,13 @@
-"""Shared test fixtures: a model that draws a known disk, generated slides, the shared data folder."""
+"""Fixtures shared by the tests (the builders they use live in tests/helpers.py)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from nuclick_wsi.models.weights import LoadedModel
+from tests.helpers import SHARED, disk_model, write_tiff_slide
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -20,65 +17,10 @@ def _precision_cache(tmp_path_factory):
     """Precision probes go to a cache of the test session's own, never the user's ~/.cache."""
     os.environ["NUCLICK_WSI_CACHE_DIR"] = str(tmp_path_factory.mktemp("nuclick-cache"))
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED.exists():  # CI clones the repo with ../shared beside it; allow an override
-    SHARED = Path(os.environ.get("NUCLICK_SHARED_DATA", SHARED))
-
-
-class DiskNet(nn.Module):
-    """A stand-in network whose probability is a disk of ``radius`` model pixels around the click.
-
-    The logit falls linearly with the distance from the patch centre (where the click is), so where
-    two disks overlap the nearer click has the higher probability.
-    """
-
-    def __init__(self, radius: float = 6.0) -> None:
-        super().__init__()
-        self.radius = radius
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-        d = torch.sqrt((yy - h // 2) ** 2 + (xx - w // 2) ** 2)
-        logit = 2.0 * (self.radius - d) + self.dummy
-        return logit.expand(n, 1, h, w).clone()
-
-
-def disk_model(radius: float = 6.0, mpp: float = 0.25, **post) -> LoadedModel:
-    """A LoadedModel around :class:`DiskNet` (threshold 0.5 -> pixels within ``radius`` of the click)."""
-    meta = {"mpp": mpp, "patch_size": 128, "task": "nuclei",
-            "postprocess": {"threshold": 0.5, "min_object_px": 1, "min_hole_px": 0, **post}}
-    return LoadedModel(net=DiskNet(radius).eval(), arch="test-disk", arch_args={}, metadata=meta, source="test:disk")
-
 
 @pytest.fixture
 def disk():
     return disk_model
-
-
-def write_tiff_slide(path: Path, width: int, height: int, mpp: float | None, *, tile: int = 256,
-                     rgb: np.ndarray | None = None) -> Path:
-    """A tiled pyramidal TIFF (levels 1, 2, 4...) with resolution tags for ``mpp`` (None: no tags)."""
-    import tifffile
-
-    if rgb is None:
-        rng = np.random.default_rng(0)
-        rgb = np.full((height, width, 3), 230, np.uint8)
-        rgb[..., 1] = 200 + rng.integers(0, 20, (height, width), dtype=np.uint8)
-    levels = [rgb]
-    while min(levels[-1].shape[:2]) > 2 * tile:
-        levels.append(levels[-1][::2, ::2])
-    kw = {}
-    if mpp is not None:
-        kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    with tifffile.TiffWriter(path, bigtiff=False) as tw:
-        for i, lev in enumerate(levels):
-            res = {} if not kw else {"resolution": (kw["resolution"][0] / 2 ** i, kw["resolution"][1] / 2 ** i),
-                                     "resolutionunit": "CENTIMETER"}
-            tw.write(lev, tile=(tile, tile), photometric="rgb", compression="zlib",
-                     subfiletype=1 if i else 0, **res)
-    return path
 
 
 @pytest.fixture
@@ -90,70 +32,7 @@ def tiff_slide(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
+def shared_data():
     if not SHARED.exists():
         pytest.skip(f"shared data folder {SHARED} not found")
     return SHARED
-
-
-class DarkNet(nn.Module):
-    """A stand-in network that finds dark tissue: positive logit where the RGB mean is below 0.5.
-
-    Unlike :class:`DiskNet` it looks at the image, so it tells whether the right pixels were read
-    (e.g. in QuPath's frame on a slide with OpenSlide bounds).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 40.0 * (0.5 - x[:, :3].mean(dim=1, keepdim=True)) + self.dummy
-
-
-def dark_model(mpp: float = 0.5) -> LoadedModel:
-    """A LoadedModel around :class:`DarkNet` (an instance = the dark blob under the click)."""
-    meta = {"mpp": mpp, "patch_size": 128, "task": "nuclei",
-            "postprocess": {"threshold": 0.5, "min_object_px": 1, "min_hole_px": 0}}
-    return LoadedModel(net=DarkNet().eval(), arch="test-dark", arch_args={}, metadata=meta, source="test:dark")
-
-
-def write_leica_scn(path: Path, rgb: np.ndarray, offset: tuple[int, int] = (40, 60),
-                    canvas: tuple[int, int] = (400, 320), mpp: float = 0.5) -> Path:
-    """A minimal Leica SCN: ``rgb`` (h, w, even sizes) placed at ``offset`` px of a ``canvas``.
-
-    OpenSlide's leica driver reports ``openslide.bounds-x/-y`` = ``offset`` and a full level 0 of
-    ``canvas`` (w, h), so QuPath (OpenSlide server, cropped to the bounds) sees ``rgb`` at (0, 0)
-    while OpenSlide's level 0 has it at ``offset``: the smallest slide with non-zero bounds that
-    can be written here (MRXS cannot). Two levels (1 and 2x), 64 px tiles.
-    """
-    import tifffile
-
-    h, w = rgb.shape[:2]
-    nm = 50  # nanometres per pixel in the SCN XML's collection/view frame
-    xml = f"""<?xml version="1.0" encoding="utf-8"?>
-<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">
- <collection name="t" uuid="c1" sizeX="{canvas[0] * nm}" sizeY="{canvas[1] * nm}">
-  <barcode>TEST</barcode>
-  <image name="main" uuid="i1">
-   <creationDate>2020-01-01T00:00:00Z</creationDate>
-   <device model="Leica SCN400" version="1.0"/>
-   <pixels sizeX="{w}" sizeY="{h}">
-     <dimension sizeX="{w}" sizeY="{h}" r="0" ifd="0"/>
-     <dimension sizeX="{w // 2}" sizeY="{h // 2}" r="1" ifd="1"/>
-   </pixels>
-   <view sizeX="{w * nm}" sizeY="{h * nm}" offsetX="{offset[0] * nm}" offsetY="{offset[1] * nm}" spacingZ="0"/>
-   <scanSettings><objectiveSettings><objective>20</objective></objectiveSettings>
-   <illuminationSettings><numericalAperture>0.4</numericalAperture>
-   <illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings>
-  </image>
- </collection>
-</scn>"""
-    half = rgb.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-    res = 1e4 / mpp
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(rgb, tile=(64, 64), photometric="rgb", description=xml,
-                 resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
-        tw.write(half, tile=(64, 64), photometric="rgb",
-                 resolution=(res / 2, res / 2), resolutionunit="CENTIMETER", metadata=None)
-    return path

@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage as ndi
 from torch.nn import functional as F
 
-from .datasets import Tile
+from nuclick_wsi.io.datasets import Tile
 
 #: H&E stain vectors (rows: haematoxylin, eosin, DAB) in optical density, as in Ruifrok & Johnston.
 _HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)

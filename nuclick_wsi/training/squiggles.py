@@ -6,7 +6,7 @@ gland); the squiggle is the morphological skeleton of ``{D > tau}``. A new squig
 time a gland is drawn. A low ``tau`` gives a skeleton reaching far into the gland's lobes, a high
 one a short stroke near its middle; a ring-shaped gland gives a loop round its hole.
 
-Patch: the square box of :func:`nuclick_wsi.glands.square_box` around the squiggle (its bounding
+Patch: the square box of :func:`nuclick_wsi.guidance.squiggles.square_box` around the squiggle (its bounding
 box plus context, grown to the patch size, or larger and downscaled to it), exactly as at
 inference; optionally enlarged by up to 15 % and shifted by up to 5 % of its side (augmentation).
 Exclusion map: one pixel of each other gland in the patch, drawn from its inner half (distance to
@@ -23,12 +23,12 @@ import torch
 from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
-from ..glands import CONTEXT, square_box
-from ..models.weights import POSTPROCESS_DEFAULTS
-from .datasets import Tile
-from .loss import nuclick_loss
-from . import sampling as _sampling
-from .sampling import color_augment
+from nuclick_wsi.guidance.squiggles import CONTEXT, square_box
+from nuclick_wsi.model.weights import POSTPROCESS_DEFAULTS
+from nuclick_wsi.io.datasets import Tile
+from nuclick_wsi.training.loss import nuclick_loss
+from nuclick_wsi.training import sampling as _sampling
+from nuclick_wsi.training.sampling import color_augment
 
 #: noise patterns kept for colour augmentation of patches of 256 px and more (the nucleus sampler keeps
 #: 256 per shape: 800 MB at 512 x 512; 8 rolled at random are as good for augmentation)

@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..engine import resolve_device
-from ..errors import NuclickError
-from ..models.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
-from .datasets import Tile, find_pairs, load_tile
-from .loss import LOSSES, nuclick_loss
-from .sampling import PatchSampler, make_batch
+from nuclick_wsi import __version__
+from nuclick_wsi.model.predictor import resolve_device
+from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.model.precision import choose_precision
+from nuclick_wsi.model.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
+from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
+from nuclick_wsi.training.loss import LOSSES, nuclick_loss
+from nuclick_wsi.training.sampling import PatchSampler, make_batch
 
 
 @dataclass
@@ -29,7 +30,7 @@ class TrainConfig:
 
     data: list[str]
     output: str
-    arch: str = "s2d-unet"
+    arch: str | None = None  #: default: s2d-unet (nuclei), light-unet (gland)
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     epochs: int = 40
     samples_per_epoch: int | None = None  #: default: one per clickable object
@@ -45,7 +46,9 @@ class TrainConfig:
     max_minutes: float | None = None
     use_binary_masks: bool = True
     task: str = "nuclei"
-    loss: str = "calibrated"  #: "nuclick" (the paper's weight map) or "calibrated" (no size-dependent weight)
+    #: "calibrated" (no size-dependent weight; default for nuclei) or "nuclick" (the paper's weight map; default for
+    #: glands, whose recipe was not re-studied)
+    loss: str | None = None
     precision: str = "auto"  #: "auto" (measured, as segment does), "fp32" or "bf16"
 
     def __post_init__(self) -> None:
@@ -55,6 +58,10 @@ class TrainConfig:
             self.patch_size = PATCH_DEFAULTS[self.task]
         if self.batch_size is None:
             self.batch_size = 16 if self.task == "gland" else 64
+        if self.arch is None:
+            self.arch = "light-unet" if self.task == "gland" else "s2d-unet"
+        if self.loss is None:
+            self.loss = "nuclick" if self.task == "gland" else "calibrated"
         if self.loss not in LOSSES:
             raise NuclickError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
 
@@ -89,7 +96,7 @@ def validate(net, sampler: PatchSampler, device, batch_size: int,
     reached. The weighted BCE biases the sigmoid upwards at nucleus boundaries, so 0.5 is rarely
     the best cut and judging checkpoints at 0.5 alone picks the wrong ones.
     """
-    from ..postprocess import PostParams, instance_from_probability
+    from nuclick_wsi.postprocess.threshold import PostParams, instance_from_probability
 
     net.eval()
     losses = []
@@ -121,12 +128,8 @@ def validate(net, sampler: PatchSampler, device, batch_size: int,
             "iou_by_threshold": {str(t): round(v, 4) for t, v in mean.items()}}
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
-    """Train a NuClick model; resume from ``<output>.last.pt`` when it exists. Returns final metrics."""
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = Path(cfg.output)
-    last = out.with_name(out.stem + ".last.pt")
+def _split_tiles(cfg: TrainConfig, log) -> tuple[list[Tile], list[Tile], list[Tile]]:
+    """All tiles, the training ones and the validation ones (default: the last outlined tile)."""
     tiles = load_tiles(cfg.data, exclude=cfg.exclude, use_binary=cfg.use_binary_masks, log=log)
     val_tiles = [t for t in tiles if t.name in cfg.val]
     train_tiles = [t for t in tiles if t.name not in cfg.val]
@@ -137,51 +140,36 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
         outlined = [t for t in train_tiles if "binary" not in t.source]
         val_tiles = [(outlined or train_tiles)[-1]]
         train_tiles = [t for t in train_tiles if t is not val_tiles[0]]
+    return tiles, train_tiles, val_tiles
+
+
+def _samplers(cfg: TrainConfig, train_tiles: list[Tile], val_tiles: list[Tile]):
+    """(sampler, validation sampler, batch function, validation function) of the task."""
     if cfg.task == "gland":  # squiggles, 512 x 512 patches: training/squiggles.py
-        from .squiggles import GlandSampler, make_gland_batch as batch_fn, validate_glands as val_fn
-        sampler = GlandSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
-        val_sampler = GlandSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
-    else:
-        batch_fn, val_fn = make_batch, validate
-        sampler = PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed)
-        val_sampler = PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1)
-    arch_args = {"widths": list(cfg.widths)} if cfg.arch in ("light-unet", "s2d-unet") else {}
-    net = build_network(cfg.arch, arch_args).to(device).to(memory_format=torch.channels_last)
-    from ..precision import choose_precision
+        from nuclick_wsi.training.squiggles import GlandSampler, make_gland_batch, validate_glands
 
-    choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(cfg.arch, arch_args))
-    dtype = choice.dtype
-    log(f"precision: {choice.name} ({choice.reason})")
-    net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    spe = cfg.samples_per_epoch or len(sampler)
-    steps_per_epoch = max(spe // cfg.batch_size, 1)
-    total = steps_per_epoch * cfg.epochs
-    warm = min(200, total // 20 + 1)
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+        return (GlandSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed),
+                GlandSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1), make_gland_batch, validate_glands)
+    return (PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed),
+            PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1), make_batch, validate)
 
-    def progress_at(step: int, elapsed: float) -> float:
-        """Share of the run done: by steps, or by time when --max-minutes is the tighter bound."""
-        p = step / total
-        return max(p, elapsed / budget_s) if budget_s else p
 
-    def set_lr(step: int, elapsed: float) -> None:
-        p = min(progress_at(step, elapsed), 1.0)
-        factor = min(1.0, (step + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * factor
+def _resume(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[int, float, list, float, int]:
+    """(start epoch, best IoU, history, elapsed s, global step) from ``last``, or a fresh start."""
+    if not last.exists():
+        return 0, -1.0, [], 0.0, 0
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    net.load_state_dict(ck["state_dict"])
+    opt.load_state_dict(ck["optimizer"])
+    sampler.rng.bit_generator.state = ck["rng"]
+    torch.set_rng_state(ck["torch_rng"])
+    log(f"resumed from {last} at epoch {ck['epoch']}")
+    return ck["epoch"], ck["best"], ck["history"], ck.get("elapsed_s", 0.0), ck["step"]
 
-    start_epoch, best, history, elapsed0, gstep = 0, -1.0, [], 0.0, 0
-    if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        net.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        start_epoch, best, history, gstep = ck["epoch"], ck["best"], ck["history"], ck["step"]
-        elapsed0 = ck.get("elapsed_s", 0.0)
-        sampler.rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        log(f"resumed from {last} at epoch {start_epoch}")
-    meta_base = {
+
+def _base_metadata(cfg: TrainConfig, tiles, train_tiles, val_tiles, sampler, val_sampler, choice,
+                   device: torch.device) -> dict[str, Any]:
+    return {
         "task": cfg.task, "mpp": cfg.mpp, "patch_size": cfg.patch_size,
         "postprocess": dict(POSTPROCESS_DEFAULTS[cfg.task]),
         "input": "RGB in [0, 1], inclusion map, exclusion map",
@@ -195,6 +183,66 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}",
         "command": " ".join(sys.argv),
     }
+
+
+def _lr_schedule(cfg: TrainConfig, opt, total: int):
+    """set_lr(step, elapsed): warm-up, then cosine to 2 % by steps, or by time under --max-minutes."""
+    warm = min(200, total // 20 + 1)
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+
+    def set_lr(step: int, elapsed: float) -> None:
+        p = step / total
+        p = min(max(p, elapsed / budget_s) if budget_s else p, 1.0)
+        factor = min(1.0, (step + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * factor
+
+    return set_lr
+
+
+def _train_epoch(net, opt, sampler, batch_fn, cfg: TrainConfig, device, dtype, steps: int, set_lr, gstep: int,
+                 clock, bar) -> tuple[float, int]:
+    """One epoch of ``steps`` batches; returns the summed loss and the global step after it."""
+    run_loss = 0.0
+    for step in range(steps):
+        x, g, go = batch_fn(sampler, cfg.batch_size)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        g, go = g.to(device), go.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = net(x)
+        loss = nuclick_loss(logits, g, go, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        set_lr(gstep, clock())
+        opt.step()
+        gstep += 1
+        run_loss += loss.item()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{run_loss / (step + 1):.4f}")
+    return run_loss, gstep
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
+    """Train a NuClick model; resume from ``<output>.last.pt`` when it exists. Returns final metrics."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.output)
+    last = out.with_name(out.stem + ".last.pt")
+    tiles, train_tiles, val_tiles = _split_tiles(cfg, log)
+    sampler, val_sampler, batch_fn, val_fn = _samplers(cfg, train_tiles, val_tiles)
+    arch_args = {"widths": list(cfg.widths)} if cfg.arch in ("light-unet", "s2d-unet") else {}
+    net = build_network(cfg.arch, arch_args).to(device).to(memory_format=torch.channels_last)
+    choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(cfg.arch, arch_args))
+    dtype = choice.dtype
+    log(f"precision: {choice.name} ({choice.reason})")
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max((cfg.samples_per_epoch or len(sampler)) // cfg.batch_size, 1)
+    set_lr = _lr_schedule(cfg, opt, steps_per_epoch * cfg.epochs)
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    start_epoch, best, history, elapsed0, gstep = _resume(last, net, opt, sampler, log)
+    meta_base = _base_metadata(cfg, tiles, train_tiles, val_tiles, sampler, val_sampler, choice, device)
     t0 = time.time()
     net.train()
     for epoch in range(start_epoch, cfg.epochs):
@@ -203,23 +251,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
-        run_loss = 0.0
-        for step in range(steps_per_epoch):
-            x, g, go = batch_fn(sampler, cfg.batch_size)
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            g, go = g.to(device), go.to(device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = net(x)
-            loss = nuclick_loss(logits, g, go, cfg.loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            set_lr(gstep, elapsed0 + time.time() - t0)
-            opt.step()
-            gstep += 1
-            run_loss += loss.item()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{run_loss / (step + 1):.4f}")
+        run_loss, gstep = _train_epoch(net, opt, sampler, batch_fn, cfg, device, dtype, steps_per_epoch, set_lr,
+                                       gstep, lambda: elapsed0 + time.time() - t0, bar)
         if bar is not None:
             bar.close()
         vm = val_fn(net, val_sampler, device, cfg.batch_size, **({"dtype": dtype, "loss_kind": cfg.loss} if val_fn is validate else {}))

@@ -1,0 +1,3 @@
+from nuclick_wsi.cli.main import main
+
+__all__ = ["main"]

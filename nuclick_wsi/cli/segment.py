@@ -1,0 +1,53 @@
+"""``nuclick-wsi segment``: one slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, slide_options
+
+
+@click.command()
+@click.argument("slide", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--points", "-p", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Clicks: QuPath GeoJSON, ASAP XML, ImageScope XML or CSV (x,y[,class]).")
+@click.option("--output", "-o", "out_dir", default=Path("."), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@output_options
+@click.option("--stem", default=None, help="Output name stem (default: the slide's file name without extension).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--roi", is_flag=True, help="Only clicks inside the file's area annotations (polygons); others are reported.")
+@click.option("--task", type=click.Choice(["nuclei", "gland"]), default="nuclei", show_default=True,
+              help="What --weights (and --threshold, --min-*-px) are for: a nucleus model, or a gland model for "
+                   "the squiggles (lines) of POINTS.")
+@click.option("--gland-weights", type=str, default=None,
+              help="Gland model for the squiggles (lines) of POINTS, beside the nucleus model (see README: Glands).")
+@click.option("--squiggle-group", "squiggle_groups", multiple=True, metavar="NAME",
+              help="ASAP group / ImageScope layer whose lines are squiggles (repeatable; QuPath lines always are).")
+@slide_options
+@model_options
+@fail_cleanly
+def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
+            roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, ngff, weights, device,
+            batch_size, precision) -> None:
+    """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
+    from nuclick_wsi.pipeline import Models, SegmentOptions, segment as run_segment
+
+    opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
+                          device=device, precision=precision, batch_size=batch_size, gzip=gzip, progress=not quiet,
+                          roi=roi, squiggle_groups=squiggle_groups, ngff=ngff)
+    models = Models.from_flags(weights, gland_weights, task=task, threshold=threshold, min_object_px=min_object_px,
+                               min_hole_px=min_hole_px)
+    result = run_segment(slide, points, out_dir, options=opts, models=models, stem=stem)
+    t = result.report["totals"]
+    if not quiet:
+        click.echo(f"{t['segmented']} of {t['clicks']} clicks segmented ({result.report['timings_s']['nuclei_per_s']} nuclei/s); "
+                   f"outputs in {out_dir}", err=True)
+        for reason, n in t["skipped_by_reason"].items():
+            click.echo(f"  skipped {n}: {reason}", err=True)
+        if "squiggles" in t:
+            click.echo(f"{t['glands_segmented']} of {t['squiggles']} squiggles segmented (glands)", err=True)
+            for reason, n in t["glands_skipped_by_reason"].items():
+                click.echo(f"  skipped {n}: {reason}", err=True)

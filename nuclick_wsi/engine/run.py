@@ -1,0 +1,208 @@
+"""One prompt run for every prompt kind: batches -> predictor -> post-processing -> stitcher -> store.
+
+A click and a squiggle differ only in a :class:`Strategy` (how patches are planned and read, what
+guidance is drawn, where a patch lies on the slide and which pixels seed its instance); how batches
+run, how masks are post-processed, stitched, stored and traced is this module's, once.
+
+Threads and what each owns:
+
+- the **producer** thread (:func:`~nuclick_wsi.engine.background.background` over
+  ``strategy.batches``) owns the slide reads and the batch buffers; it touches nothing else of the run
+  but the timer (``Timer.add`` takes its lock);
+- an **inference** thread (a second ``background`` around :meth:`PromptRun._predict`) owns the
+  predictor (the network and its device memory);
+- the **caller's** thread owns everything else: the stitcher, the label store, ``instances``,
+  ``table``, ``reasons`` and the progress bar. Both background threads are stopped and joined
+  before :meth:`PromptRun.run` returns or raises, so nothing still reads the slide after it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from nuclick_wsi.engine.background import Timer, background
+from nuclick_wsi.io.slides.base import SlideSource
+from nuclick_wsi.model.predictor import Predictor
+from nuclick_wsi.postprocess.confidence import RING_MODEL_PX, outline_confidence
+from nuclick_wsi.postprocess.stitch import Piece, Stitcher
+from nuclick_wsi.postprocess.threshold import PostParams, instance_from_probability
+from nuclick_wsi.postprocess.trace import deterministic_uuid, trace_mask
+from nuclick_wsi.records import Instance, outcome
+
+
+class Strategy(Protocol):
+    """What one kind of prompt (click, squiggle) decides; see :mod:`nuclick_wsi.engine.clicks`."""
+
+    kind: str  #: "nucleus" or "gland" (instances' kind, uuid salt)
+    prompts: list  #: the prompts (Click or Squiggle records)
+    slide: SlideSource
+    scale: float  #: level-0 px per model px
+    lost: str  #: the reason for an instance that lost every pixel to its neighbours
+
+    def plan(self, reasons: dict[int, str]) -> list[int]: ...  # noqa: E704 - the prompts to run, in order
+    def batches(self, order: list[int], timer: Timer) -> Iterator[tuple[np.ndarray, list]]: ...  # noqa: E704
+    def flush_y(self, item: Any) -> float | None: ...  # noqa: E704 - level-0 y above which rows are final
+    def locate(self, prob: np.ndarray, item: Any) -> tuple[np.ndarray, int, int, Any, int]: ...  # noqa: E704
+    def label_of(self, index: int) -> int: ...  # noqa: E704
+    def anchor(self, index: int) -> tuple[float, float]: ...  # noqa: E704 - the prompt's point in the report
+    def record(self, index: int) -> dict[str, Any]: ...  # noqa: E704 - its report record (without outcome)
+
+
+class ArrayLabels:
+    """An in-memory stand-in for a label store (``write_chunk`` only), for tiles and evaluation."""
+
+    def __init__(self, width: int, height: int, chunk: int) -> None:
+        self.labels = np.zeros((height, width), np.uint32)
+        self.chunk = chunk
+
+    def write_chunk(self, cy: int, cx: int, block: np.ndarray) -> None:
+        c = self.chunk
+        self.labels[cy * c:cy * c + block.shape[0], cx * c:cx * c + block.shape[1]] = block
+
+
+class PromptRun:
+    """Segmentation of one kind of prompt on one slide.
+
+    Parameters
+    ----------
+    strategy : Strategy
+    predictor : Predictor
+    params : PostParams
+        Post-processing thresholds in model pixels (the model's metadata).
+    stem : str
+        Output stem (salt of the instances' deterministic UUIDs).
+    mpp : float
+        Level-0 um/px (areas in um^2).
+    """
+
+    def __init__(self, strategy: Strategy, predictor: Predictor, params: PostParams, stem: str, mpp: float, *,
+                 reasons: dict[int, str] | None = None, timer: Timer | None = None) -> None:
+        self.strategy, self.predictor, self.stem, self.mpp = strategy, predictor, stem, mpp
+        self.model_params = params
+        self.params = params.scaled(strategy.scale ** 2)
+        self.timer = timer or Timer()
+        self.instances: list[Instance] = []
+        self.table: list[dict[str, Any]] = []
+        self.reasons: dict[int, str] = dict(reasons or {})
+
+    @property
+    def n_pending(self) -> int:
+        return len(self.strategy.prompts) - len(self.reasons)
+
+    def _predict(self, batches: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        for batch, meta in background(batches):
+            t = time.perf_counter()
+            prob = self.predictor(batch)
+            self.timer.add("infer", time.perf_counter() - t)
+            yield prob, meta
+
+    def _write_chunk(self, store):
+        def write(cy: int, cx: int, block: np.ndarray) -> None:
+            t = time.perf_counter()
+            store.write_chunk(cy, cx, block)
+            self.timer.add("write", time.perf_counter() - t)
+        return write
+
+    def run(self, store, progress=None) -> None:
+        """Segment every pending prompt; labels go to ``store.write_chunk`` (chunk side ``store.chunk``)."""
+        s = self.strategy
+        order = s.plan(self.reasons)
+        stitcher = Stitcher(s.slide.width, s.slide.height, store.chunk, self._write_chunk(store), self._retire)
+        for prob, items in background(self._predict(s.batches(order, self.timer)), depth=2):
+            t = time.perf_counter()
+            for k, item in enumerate(items):
+                y = s.flush_y(item)
+                if y is not None:
+                    tw = self.timer.seconds["write"]
+                    stitcher.flush(y)
+                    t += self.timer.seconds["write"] - tw  # flushing is writing, not post-processing
+                piece = self._piece(prob[k], item)
+                if piece is not None:
+                    stitcher.add(piece)
+            self.timer.add("post", time.perf_counter() - t)
+            if progress is not None:
+                progress.update(len(items))
+        tw = self.timer.seconds["write"]
+        t = time.perf_counter()
+        stitcher.close()
+        self.timer.add("post", time.perf_counter() - t - (self.timer.seconds["write"] - tw))
+        self.instances.sort(key=lambda i: i.label)
+        self.table.sort(key=lambda r: r["label"])
+
+    def _piece(self, prob: np.ndarray, item: Any) -> Piece | None:
+        """A probability patch -> a level-0 instance crop (or None, the reason recorded)."""
+        grid, u0, v0, seed, idx = self.strategy.locate(prob, item)
+        mask, where = instance_from_probability(grid, seed, self.params)
+        if mask is None:
+            self.reasons[idx] = where
+            return None
+        (r0, c0), (h, w) = where, mask.shape
+        if isinstance(seed, tuple):
+            seed_mask = np.zeros_like(mask)
+            seed_mask[seed[0] - r0, seed[1] - c0] = True
+        else:
+            seed_mask = seed[r0:r0 + h, c0:c0 + w] & mask
+        conf = outline_confidence(grid, mask, where, ring_px=round(RING_MODEL_PX * self.strategy.scale))
+        return Piece(label=self.strategy.label_of(idx), x0=u0 + c0, y0=v0 + r0, mask=mask,
+                     prob=grid[r0:r0 + h, c0:c0 + w].astype(np.float16), seed=seed_mask,
+                     meta={"index": idx, "confidence": conf})
+
+    def _retire(self, piece: Piece) -> None:
+        """An instance whose pixels are final: trace it, record it for the outputs and the table."""
+        t = time.perf_counter()
+        idx, kind = piece.meta["index"], self.strategy.kind
+        prompt = self.strategy.prompts[idx]
+        x, y = self.strategy.anchor(idx)
+        area = float(piece.mask.sum())
+        score = float(piece.prob[piece.mask].astype(np.float32).mean())
+        rr, cc = np.nonzero(piece.mask)
+        cxm, cym = piece.x0 + cc.mean() + 0.5, piece.y0 + rr.mean() + 0.5
+        geom = trace_mask(piece.mask, piece.x0, piece.y0)
+        area_um2 = area * self.mpp ** 2
+        uid = deterministic_uuid(self.stem, idx, x, y, kind)
+        self.instances.append(Instance(label=piece.label, uuid=uid, geometry=geom, class_name=prompt.class_name,
+                                       color=prompt.color, area_px=area, area_um2=area_um2, score=score,
+                                       confidence=piece.meta["confidence"], prompt_index=idx, kind=kind))
+        self.table.append({"label": piece.label, "prompt_index": idx, "class_name": prompt.class_name,
+                           "x": x, "y": y, "centroid_x": round(cxm, 3), "centroid_y": round(cym, 3),
+                           "area_px": area, "area_um2": area_um2, "score": round(score, 6),
+                           "confidence": round(piece.meta["confidence"], 6), "kind": kind})
+        self.timer.add("write", time.perf_counter() - t)
+
+    def into_store(self, create_store, *, progress: bool = False, desc: str = "", unit: str = "") -> None:
+        """Run into a new label store (``create_store()``) with an optional progress bar, then finalize it."""
+        bar = None
+        if progress and self.n_pending:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.n_pending, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        try:
+            store = create_store()
+            self.run(store, bar)
+            t = time.perf_counter()
+            store.finalize(self.table, colors=None)
+            self.timer.add("write", time.perf_counter() - t)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def in_memory(self, chunk: int = 1024) -> tuple[np.ndarray, list[Instance], dict[int, str]]:
+        """Run into an array: the label image, the instances and, per prompt index, why it gave none."""
+        store = ArrayLabels(self.strategy.slide.width, self.strategy.slide.height, chunk)
+        self.run(store, None)
+        return store.labels, self.instances, self.reasons
+
+    def records(self) -> list[dict[str, Any]]:
+        """One report record per prompt, in input order."""
+        by_index = {i.prompt_index: i for i in self.instances}
+        out = []
+        for k in range(len(self.strategy.prompts)):
+            rec = self.strategy.record(k)
+            rec.update(outcome(by_index.get(k), self.reasons.get(k, self.strategy.lost)))
+            out.append(rec)
+        return out

@@ -1,0 +1,68 @@
+"""The predictor: a loaded model on a device, at a precision, over batches of guided patches.
+
+On CUDA the batch is copied from pinned memory without blocking and run under fp16 autocast; on the
+CPU the precision is chosen by measurement (:mod:`nuclick_wsi.model.precision`): bf16 autocast only
+on CPUs with native bf16 where a probe finds it faster, fp32 otherwise; channels_last throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.model.weights import LoadedModel
+from nuclick_wsi.model.precision import choose_precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU. ``cuda`` without a GPU is an error, never a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NuclickError("--device cuda was asked for but no CUDA device is available (use --device cpu or auto)")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise NuclickError(f"unknown device {name!r} (choose auto, cpu or cuda)")
+
+
+class Predictor:
+    """Runs a loaded model over batches of guided patches.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    device : {"auto", "cpu", "cuda"}
+    precision : {"auto", "fp32", "bf16", "fp16"}
+    """
+
+    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto") -> None:
+        self.model = model
+        self.device = resolve_device(device)
+        net = model.net.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.net = net
+        #: what precision runs and why (``auto`` measures on CPUs with native bf16: nuclick_wsi/model/precision.py)
+        self.precision = choose_precision(net, self.device, precision, patch_size=model.patch_size,
+                                          arch_key=(model.arch, model.arch_args))
+        self.dtype = self.precision.dtype
+
+    @property
+    def description(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{self.device.type} ({name}, {self.precision.name}, {torch.get_num_threads()} threads)"
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (B, H, W) float32 for a (B, 5, H, W) float32 batch."""
+        x = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                logits = self.net(x)
+        else:
+            logits = self.net(x)
+        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()

@@ -1,0 +1,35 @@
+"""Writing a run's outputs under temporary names, then putting them in place with the report last."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nuclick_wsi._util.fs import atomic_output, remove_path, replace_file
+from nuclick_wsi.io.annotations import write_asap, write_geoparquet, write_qupath
+from nuclick_wsi.records import Instance
+
+
+def write_polygons(instances: list[Instance], temps: dict[str, Path], *, object_type: str, gzip: bool,
+                   mpp: float) -> None:
+    """The polygon outputs ``temps`` names (``qupath``, ``asap``, ``geoparquet``)."""
+    if "qupath" in temps:
+        write_qupath(instances, temps["qupath"], object_type=object_type, gzip=gzip)
+    if "asap" in temps:
+        write_asap(instances, temps["asap"])
+    if "geoparquet" in temps:
+        write_geoparquet(instances, temps["geoparquet"], mpp=mpp)
+
+
+def commit_outputs(temps: dict[str, Path], paths: dict[str, Path], report: dict[str, Any]) -> None:
+    """Write the report, then rename every temporary to its final path, the report last.
+
+    The report marks completion: the old one goes first, the new one comes in last, so a kill in
+    between leaves a folder that reads as incomplete and is redone.
+    """
+    with atomic_output(temps["report"]) as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+    remove_path(paths["report"])
+    for key in [k for k in temps if k != "report"] + ["report"]:
+        replace_file(temps[key], paths[key])

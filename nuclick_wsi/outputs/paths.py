@@ -1,0 +1,71 @@
+"""Output paths of a slide, whether they are complete and fresh, and stale ones to drop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from nuclick_wsi._util.fs import remove_path
+from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.store.labels import is_complete
+
+#: polygon output formats and their file suffixes
+POLYGON_SUFFIXES = {"qupath": ".geojson", "asap": ".xml", "geoparquet": ".parquet"}
+
+
+def slide_stem(path: str | os.PathLike) -> str:
+    """The slide's name without its extension(s) (``a.ome.tiff`` -> ``a``)."""
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def output_paths(out_dir: str | os.PathLike, stem: str, formats: Sequence[str], gzip: bool = False, *,
+                 glands: bool = False) -> dict[str, Path]:
+    """Final output paths for a slide stem (``glands``: with ``S.glands.zarr``, for files with squiggles)."""
+    out = Path(out_dir)
+    paths = {"labels": out / f"{stem}.labels.zarr", "report": out / f"{stem}.report.json"}
+    if glands:
+        paths["glands"] = out / f"{stem}.glands.zarr"
+    for f in formats:
+        if f not in POLYGON_SUFFIXES:
+            raise NuclickError(f"unknown output format {f!r} (choose from {', '.join(POLYGON_SUFFIXES)})")
+        paths[f] = out / f"{stem}{POLYGON_SUFFIXES[f]}{'.gz' if gzip and f == 'qupath' else ''}"
+    return paths
+
+
+def outputs_complete(paths: dict[str, Path], ngff: str | None = None) -> bool:
+    """True when every output exists and the label store is complete (the report is written last);
+    with ``ngff``, only label stores of that NGFF version count."""
+    return (all(p.exists() for p in paths.values()) and is_complete(paths["labels"], ngff)
+            and ("glands" not in paths or is_complete(paths["glands"], ngff)))
+
+
+def outputs_fresh(paths: dict[str, Path], inputs: Sequence[Path], ngff: str | None = None) -> bool:
+    """Outputs complete (label stores of NGFF ``ngff`` if given), and written after every input last
+    changed (else: redo; outputs of the other NGFF version are redone, as a change of formats is)."""
+    if not outputs_complete(paths, ngff):
+        return False
+    try:
+        done = paths["report"].stat().st_mtime
+        return all(p.stat().st_mtime <= done for p in inputs)
+    except OSError:
+        return False
+
+
+def remove_stale_outputs(out: Path, stem: str, keep: set[Path]) -> None:
+    """Remove polygon files of this stem that an earlier run wrote in another format (or gzipped or not).
+
+    After a run the folder describes that run only: a stale ``S.xml`` beside a new ``S.geojson``
+    would show outlines of other clicks.
+    """
+    for ext in POLYGON_SUFFIXES.values():
+        for cand in (out / f"{stem}{ext}", out / f"{stem}{ext}.gz"):
+            if cand not in keep and cand.is_file():
+                cand.unlink()
+    glands = out / f"{stem}.glands.zarr"  # from an earlier run whose file had squiggles
+    if glands not in keep and glands.is_dir():
+        remove_path(glands)

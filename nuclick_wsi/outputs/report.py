@@ -1,0 +1,65 @@
+"""The report of a ``segment`` run (``S.report.json``): inputs, models, totals, timings, one record per prompt."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from nuclick_wsi import __version__
+
+
+def skipped_by_reason(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Skipped prompts counted by the text of their reason before " (" and ":"."""
+    reasons: dict[str, int] = {}
+    for rec in records:
+        if rec["status"] == "skipped":
+            key = rec["reason"].split(" (")[0].split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    return reasons
+
+
+def model_section(model, run) -> dict[str, Any]:
+    """The nucleus model's report section: where it came from and its thresholds (model pixels)."""
+    scale = run.strategy.scale  # the thresholds as run (level-0 px) back in model px, as reports always gave them
+    post = run.params.scaled(1 / scale ** 2) if scale != 1 else run.params
+    return {"source": model.source, "arch": model.arch, "patch_size": model.patch_size, "postprocess": asdict(post)}
+
+
+def gland_model_section(model, run) -> dict[str, Any]:
+    return {"source": model.source, "arch": model.arch, "task": model.task, "patch_size": model.patch_size,
+            "mpp": model.mpp, "level0_px_per_model_px": run.strategy.scale, "context": run.strategy.context,
+            "postprocess": asdict(run.model_params)}
+
+
+def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nuclei, gland, predictor,
+                   paths: dict, timer, wall: float) -> dict[str, Any]:
+    """The report of one slide. ``nuclei``/``gland``: (model, run) of each kind of prompt, or None."""
+    clicks = nuclei[1].records() if nuclei else []
+    n_seg = len(nuclei[1].instances) if nuclei else 0
+    model = nuclei[0] if nuclei else None
+    rep: dict[str, Any] = {
+        "nuclick_wsi_version": __version__,
+        "slide": {"path": str(slide_path), "reader": slide.reader, "width": slide.width, "height": slide.height,
+                  "bounds_offset": list(slide.bounds_offset), "notes": list(getattr(slide, "notes", []))},
+        "points": {"path": str(points_path), "format": prompts.format, "not_prompts": prompts.skipped},
+        "mpp": {"slide": mpp, "source": slide.mpp_source, "model": model.mpp if model else None,
+                "level0_px_per_model_px": nuclei[1].strategy.scale if nuclei else None},
+        "model": model_section(*nuclei) if nuclei else None,
+        "device": predictor.description,
+        "precision": {"name": predictor.precision.name, "reason": predictor.precision.reason},
+        "totals": {"clicks": len(clicks), "segmented": n_seg, "skipped": len(clicks) - n_seg,
+                   "skipped_by_reason": skipped_by_reason(clicks)},
+        "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()}, "wall": round(wall, 3),
+                      "nuclei_per_s": round(n_seg / wall, 2) if wall else None},
+        "outputs": {k: str(p) for k, p in paths.items()},
+        "clicks": clicks,
+    }
+    if gland:
+        records = gland[1].records()
+        n_gl = sum(r["status"] == "segmented" for r in records)
+        rep["gland_model"] = gland_model_section(*gland)
+        rep["totals"].update(squiggles=len(records), glands_segmented=n_gl, glands_skipped=len(records) - n_gl,
+                             glands_skipped_by_reason=skipped_by_reason(records))
+        rep["timings_s"]["glands_per_s"] = round(n_gl / wall, 2) if wall else None
+        rep["squiggles"] = records
+    return rep
