@@ -64,6 +64,7 @@ class SegmentOptions:
     batch_size: int = 64
     duplicate_px: float = 2.0
     chunk: int = 1024
+    ngff: str = "0.4"  #: label stores: "0.4" (zarr v2, QuPath 0.6 reads it) or "0.5" (zarr v3)
     gzip: bool = False
     progress: bool = True
     roi: bool = False  #: skip clicks outside the file's area annotations ("outside the ROI")
@@ -236,7 +237,8 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
     temps = {k: temp_path_for(p) for k, p in paths.items()}
 
     def store(key: str, name: str):
-        return lambda: LabelStore.create(temps[key], slide.width, slide.height, chunk=opts.chunk, name=name, mpp=mpp)
+        return lambda: LabelStore.create(temps[key], slide.width, slide.height, chunk=opts.chunk, name=name, mpp=mpp,
+                                         ngff_version=opts.ngff)
 
     try:
         if nuclei is not None:

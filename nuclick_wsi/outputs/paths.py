@@ -36,15 +36,17 @@ def output_paths(out_dir: str | os.PathLike, stem: str, formats: Sequence[str], 
     return paths
 
 
-def outputs_complete(paths: dict[str, Path]) -> bool:
-    """True when every output exists and the label store is complete (the report is written last)."""
-    return (all(p.exists() for p in paths.values()) and is_complete(paths["labels"])
-            and ("glands" not in paths or is_complete(paths["glands"])))
+def outputs_complete(paths: dict[str, Path], ngff: str | None = None) -> bool:
+    """True when every output exists and the label store is complete (the report is written last);
+    with ``ngff``, only label stores of that NGFF version count."""
+    return (all(p.exists() for p in paths.values()) and is_complete(paths["labels"], ngff)
+            and ("glands" not in paths or is_complete(paths["glands"], ngff)))
 
 
-def outputs_fresh(paths: dict[str, Path], inputs: Sequence[Path]) -> bool:
-    """Outputs complete, and written after every input last changed (else: redo)."""
-    if not outputs_complete(paths):
+def outputs_fresh(paths: dict[str, Path], inputs: Sequence[Path], ngff: str | None = None) -> bool:
+    """Outputs complete (label stores of NGFF ``ngff`` if given), and written after every input last
+    changed (else: redo; outputs of the other NGFF version are redone, as a change of formats is)."""
+    if not outputs_complete(paths, ngff):
         return False
     try:
         done = paths["report"].stat().st_mtime

@@ -1,4 +1,4 @@
-"""The zarr label store: uint32 instance ids as an OME-NGFF 0.4 label image (zarr v2 layout).
+"""The zarr label store: uint32 instance ids as an OME-NGFF label image (0.4 zarr v2, or 0.5 zarr v3).
 
 Layout chosen: the store root *is* the label image, so napari (napari-ome-zarr) opens it directly
 as a Labels layer::
@@ -10,9 +10,10 @@ as a Labels layer::
       1/, 2/, ...      nearest-neighbour pyramid, each level 2x smaller, down to one chunk
       instances.csv    the instance table (label, prompt_index, class_name, click x/y, centroid, ...)
 
+That is NGFF 0.4 (the default; QuPath 0.6 reads it); ``ngff="0.5"`` writes the same tree in the
+zarr v3 format (``zarr.json`` files, metadata under ``ome``; see :mod:`nuclick_wsi.store.ngff`).
 Level-0 pixel ``[y, x]`` is the label of level-0 slide pixel (x, y) in QuPath's frame; 0 is
-background. ``image-label.source`` is left out by default (it would point at an image that does not
-exist); pass ``source_image="../../"`` when the store is put into an OME-Zarr image's ``labels/`` group.
+background. ``image-label.source`` is written only when the caller names a real source image.
 
 Writing: :meth:`LabelStore.create` on a temporary path (from ``atomic_output``), then
 :meth:`~LabelStore.write_chunk` for each non-empty chunk (several processes may each open the
@@ -25,6 +26,7 @@ interrupted one.
 from __future__ import annotations
 
 from nuclick_wsi.errors import OutputError
+from nuclick_wsi.store import ngff
 from nuclick_wsi.store.instances import INSTANCE_COLUMNS, INSTANCE_TABLE_NAME, write_instance_table
 
 import csv
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from numcodecs import Blosc, blosc as _blosc
+from numcodecs import blosc as _blosc
 
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
     "stored_chunks",
 ]
 
-NGFF_VERSION = "0.4"
 _OUR_KEY = "nuclick-wsi"
 _DTYPE = np.uint32
 
@@ -81,32 +82,20 @@ def level_shapes(height: int, width: int, chunk: int) -> list[tuple[int, int]]:
 _blosc.use_threads = False
 
 
-def _compressor() -> Blosc:
-    return Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
-
-
-def _directory_store(path: Path) -> zarr.DirectoryStore:
-    return zarr.DirectoryStore(str(path), dimension_separator="/")
-
-
-def _create_level(group: zarr.Group, level: int, shape: tuple[int, int], chunk: int) -> zarr.Array:
-    return group.create_dataset(
-        str(level),
-        shape=shape,
-        chunks=(chunk, chunk),
-        dtype=_DTYPE,
-        compressor=_compressor(),
-        fill_value=0,
-        dimension_separator="/",
-        write_empty_chunks=False,
-        overwrite=True,
+def _create_level(group: zarr.Group, level: int, shape: tuple[int, int], chunk: int, version: str) -> zarr.Array:
+    return group.create_array(
+        str(level), shape=shape, chunks=(chunk, chunk), dtype=_DTYPE, fill_value=0, overwrite=True,
+        config={"write_empty_chunks": False}, **ngff.array_options(version),
     )
 
 
-def _stored_chunks(root: Path, level: int) -> set[tuple[int, int]]:
-    """Indices (cy, cx) of the chunks of one level that exist on disk (keys ``level/cy/cx``)."""
-    found = set()
-    for row in os.scandir(root / str(level)):
+def _stored_chunks(root: Path, level: int, version: str) -> set[tuple[int, int]]:
+    """Indices (cy, cx) of the chunks of one level that exist on disk (keys ``level[/c]/cy/cx``)."""
+    found: set[tuple[int, int]] = set()
+    folder = root / str(level) / ngff.chunk_prefix(version)
+    if not folder.is_dir():
+        return found
+    for row in os.scandir(folder):
         if row.is_dir() and row.name.isdigit():
             found.update((int(row.name), int(col.name)) for col in os.scandir(row.path) if col.name.isdigit())
     return found
@@ -114,7 +103,9 @@ def _stored_chunks(root: Path, level: int) -> set[tuple[int, int]]:
 
 def stored_chunks(path: str | os.PathLike, level: int = 0) -> set[tuple[int, int]]:
     """Indices (cy, cx) of the chunks of a store's level that hold labels (the others are all 0)."""
-    return _stored_chunks(Path(path), level)
+    root = Path(path)
+    version = next((v for v in ngff.NGFF_VERSIONS if (root / ngff.metadata_file(v)).is_file()), ngff.DEFAULT_NGFF)
+    return _stored_chunks(root, level, version)
 
 
 def _chunk_slices(cy: int, cx: int, chunk: int, shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -140,41 +131,6 @@ def _as_labels(block: np.ndarray) -> np.ndarray:
     return block.astype(_DTYPE, copy=False)
 
 
-def _multiscales(name: str, mpp: float | None, n_levels: int) -> list[dict[str, Any]]:
-    axis_unit = {"unit": "micrometer"} if mpp is not None else {}
-    axes = [{"name": a, "type": "space", **axis_unit} for a in ("y", "x")]
-    base = mpp if mpp is not None else 1.0
-    datasets = [
-        {
-            "path": str(k),
-            "coordinateTransformations": [{"type": "scale", "scale": [base * 2**k, base * 2**k]}],
-        }
-        for k in range(n_levels)
-    ]
-    return [
-        {
-            "version": NGFF_VERSION,
-            "name": name,
-            "axes": axes,
-            "datasets": datasets,
-            "type": "nearest",
-            "metadata": {"method": "level k pixel [i, j] = level k-1 pixel [2i, 2j] (numpy [::2, ::2])"},
-        }
-    ]
-
-
-def _image_label(colors: Mapping[int, Sequence[int]] | None, source_image: str | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"version": NGFF_VERSION}
-    if source_image:  # only a real image: a path to nothing makes NGFF viewers warn
-        meta["source"] = {"image": source_image}
-    if colors:
-        meta["colors"] = [
-            {"label-value": int(label), "rgba": [int(v) for v in (list(rgb) + [255])[:4]]}
-            for label, rgb in sorted(colors.items())
-        ]
-    return meta
-
-
 class LabelStore:
     """A zarr label store being written: level-0 chunks, then pyramid, table and metadata.
 
@@ -190,7 +146,8 @@ class LabelStore:
         self.mpp: float | None = ours["mpp"]
         self.chunk: int = int(ours["chunk"])
         self.source_image: str | None = ours.get("source_image")
-        self.level0: zarr.Array = zarr.open_array(group.store, path="0", mode="r+", write_empty_chunks=False)
+        self.ngff: str = ours.get("ngff", ngff.DEFAULT_NGFF)
+        self.level0: zarr.Array = zarr.open_array(group.store, path="0", mode="r+", config={"write_empty_chunks": False})
         self.height, self.width = self.level0.shape
 
     @classmethod
@@ -204,6 +161,7 @@ class LabelStore:
         name: str = "nuclei",
         mpp: float | None,
         source_image: str | None = None,
+        ngff_version: str = ngff.DEFAULT_NGFF,
     ) -> LabelStore:
         """Create a new, empty store at ``path`` (which must not hold a zarr group or array).
 
@@ -219,9 +177,11 @@ class LabelStore:
             Name of the label image (``multiscales[0].name``).
         mpp : float or None
             Level-0 micrometres per pixel; None writes pixel units (no ``unit`` on the axes).
-        source_image : str
-            ``image-label.source.image``: relative path to the image these labels belong to; None
-            (default): no ``source`` (the slide is not an NGFF image beside the labels).
+        source_image : str, optional
+            ``image-label.source.image``: relative path to the image these labels belong to (none
+            by default: the store is a label image on its own).
+        ngff_version : {"0.4", "0.5"}
+            "0.4": OME-NGFF 0.4 in the zarr v2 format; "0.5": OME-NGFF 0.5 in zarr v3.
 
         Returns
         -------
@@ -232,9 +192,10 @@ class LabelStore:
         if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
             raise ValueError(f"mpp must be a positive number or None, got {mpp}")
         path = Path(path)
+        fmt = ngff.zarr_format(ngff_version)
         try:
-            group = zarr.open_group(_directory_store(path), mode="w-")
-        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
+            group = zarr.open_group(str(path), mode="w-", zarr_format=fmt)
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError) as exc:
             raise OutputError(f"{path} already holds a zarr store") from exc
         except OSError as exc:
             raise OutputError(f"cannot create label store {path}: {exc.strerror or exc}") from exc
@@ -243,8 +204,9 @@ class LabelStore:
             "mpp": None if mpp is None else float(mpp),
             "chunk": int(chunk),
             "source_image": source_image,
+            "ngff": ngff_version,
         }
-        _create_level(group, 0, (int(height), int(width)), int(chunk))
+        _create_level(group, 0, (int(height), int(width)), int(chunk), ngff_version)
         return cls(path, group)
 
     @classmethod
@@ -252,7 +214,7 @@ class LabelStore:
         """Open a store made by :meth:`create` to write more chunks or finalize it."""
         path = Path(path)
         try:
-            group = zarr.open_group(_directory_store(path), mode="r+")
+            group = zarr.open_group(str(path), mode="r+")
         except (zarr.errors.GroupNotFoundError, FileNotFoundError) as exc:
             raise OutputError(f"{path} is not a nuclick-wsi label store") from exc
         if _OUR_KEY not in group.attrs or "0" not in group:
@@ -320,14 +282,14 @@ class LabelStore:
             self._build_level(level, shapes[level], workers)
         write_instance_table(self.path / INSTANCE_TABLE_NAME, instance_table)
         attrs = dict(self._group.attrs.asdict())
-        attrs["multiscales"] = _multiscales(self.name, self.mpp, len(shapes))
-        attrs["image-label"] = _image_label(colors, self.source_image)
+        attrs.update(ngff.ngff_attrs(self.ngff, name=self.name, mpp=self.mpp, n_levels=len(shapes), colors=colors,
+                                     source_image=self.source_image))
         self._group.attrs.put(attrs)
 
     def _build_level(self, level: int, shape: tuple[int, int], workers: int) -> None:
         src = self._group[str(level - 1)]
-        dst = _create_level(self._group, level, shape, self.chunk)
-        targets = sorted({(cy // 2, cx // 2) for cy, cx in _stored_chunks(self.path, level - 1)})
+        dst = _create_level(self._group, level, shape, self.chunk, self.ngff)
+        targets = sorted({(cy // 2, cx // 2) for cy, cx in _stored_chunks(self.path, level - 1, self.ngff)})
 
         def one(index: tuple[int, int]) -> None:
             _downsample_chunk(src, dst, index[0], index[1], self.chunk)
@@ -365,8 +327,8 @@ def open_labels(path: str | os.PathLike) -> zarr.Array:
     """
     path = Path(path)
     try:
-        return zarr.open_array(_directory_store(path), path="0", mode="r")
-    except (zarr.errors.ArrayNotFoundError, FileNotFoundError) as exc:
+        return zarr.open_array(str(path), path="0", mode="r")
+    except (zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError) as exc:
         raise OutputError(f"{path} is not a label store (no level 0)") from exc
 
 
@@ -382,13 +344,15 @@ def _levels_ok(group: zarr.Group, datasets: list[dict[str, Any]]) -> bool:
     return True
 
 
-def is_complete(path: str | os.PathLike) -> bool:
+def is_complete(path: str | os.PathLike, ngff_version: str | None = None) -> bool:
     """Whether a label store was finalized: metadata, every pyramid level and the table present.
 
     Parameters
     ----------
     path : path-like
         Folder of the store.
+    ngff_version : {"0.4", "0.5"}, optional
+        Only a store of this NGFF version counts (a store of the other version is to be redone).
 
     Returns
     -------
@@ -396,18 +360,21 @@ def is_complete(path: str | os.PathLike) -> bool:
         False for a missing, foreign, unfinished or damaged store; never raises for those.
     """
     path = Path(path)
-    if not (path / ".zgroup").is_file() or not (path / INSTANCE_TABLE_NAME).is_file():
+    if not any((path / ngff.metadata_file(v)).is_file() for v in ngff.NGFF_VERSIONS):
+        return False
+    if not (path / INSTANCE_TABLE_NAME).is_file():
         return False
     try:
-        group = zarr.open_group(_directory_store(path), mode="r")
+        group = zarr.open_group(str(path), mode="r")
         attrs = group.attrs.asdict()
-        multiscales = attrs.get("multiscales") or []
-        label_meta = attrs.get("image-label") or {}
-        if not multiscales or multiscales[0].get("version") != NGFF_VERSION:
+        found = ngff.read_ngff(attrs)
+        if found is None or found[0] != attrs[_OUR_KEY].get("ngff", ngff.DEFAULT_NGFF):
             return False
-        if label_meta.get("version") != NGFF_VERSION:
+        if ngff_version is not None and found[0] != ngff_version:
             return False
-        if not _levels_ok(group, multiscales[0].get("datasets") or []):
+        if ngff.zarr_format(found[0]) != group.metadata.zarr_format:
+            return False
+        if not _levels_ok(group, found[1][0].get("datasets") or []):
             return False
         with open(path / INSTANCE_TABLE_NAME, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])

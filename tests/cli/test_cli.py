@@ -278,3 +278,17 @@ def test_version_and_help():
     assert result.exit_code == 0
     for flag in ("--points", "--format", "--object-type", "--gzip", "--mpp", "--weights"):
         assert flag in result.output
+
+
+def test_segment_ngff_05_writes_a_zarr_v3_label_store(case):
+    slide, pts, out = case
+    result = invoke(*segment_args(slide, pts, out, "--ngff", "0.5"))
+    assert result.exit_code == 0, result.output
+    store = out / "slide.labels.zarr"
+    meta = json.loads((store / "zarr.json").read_text())
+    assert meta["zarr_format"] == 3 and meta["attributes"]["ome"]["version"] == "0.5"
+    assert not (store / ".zgroup").exists() and is_complete(store)
+    report = json.loads((out / "slide.report.json").read_text())
+    r = report["clicks"][0]
+    assert open_labels(store)[math.floor(r["y"]), math.floor(r["x"])] == r["instance_id"]
+    assert invoke(*segment_args(slide, pts, out, "--ngff", "0.6")).exit_code == 2  # click refuses it

@@ -209,11 +209,11 @@ def _write_ngff(path: Path, rgb: np.ndarray, mpp: float) -> Path:
     """A small OME-NGFF 0.4 image as TIAToolbox's NGFF reader expects it (omero, _ARRAY_DIMENSIONS)."""
     import zarr
 
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)  # NGFF 0.4 is zarr v2
     levels = [rgb, rgb[::2, ::2]]
     datasets = []
     for i, lev in enumerate(levels):
-        group.create_dataset(str(i), data=lev, chunks=(128, 128, 3))
+        group.create_array(str(i), shape=lev.shape, dtype=lev.dtype, chunks=(128, 128, 3))[...] = lev
         datasets.append({"path": str(i), "coordinateTransformations": [
             {"type": "scale", "scale": [mpp * 2 ** i, mpp * 2 ** i, 1.0]}]})
     window = {"start": 0, "end": 255, "min": 0, "max": 255}

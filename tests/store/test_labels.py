@@ -213,7 +213,7 @@ def test_ngff_metadata_with_mpp(finalized):
         assert d["coordinateTransformations"] == [{"type": "scale", "scale": [0.25 * 2**k, 0.25 * 2**k]}]
     label = attrs["image-label"]
     assert label["version"] == "0.4"
-    assert "source" not in label  # no parent image: a path to nothing made viewers warn
+    assert "source" not in label  # the store is the label image: no parent image to point at
     assert label["colors"] == [
         {"label-value": 1, "rgba": [255, 0, 0, 255]},
         {"label-value": 2, "rgba": [0, 255, 0, 128]},

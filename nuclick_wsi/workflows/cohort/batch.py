@@ -57,16 +57,17 @@ def _totals(report: dict[str, Any] | None) -> tuple[int | None, int | None, floa
     return t.get("clicks"), t.get("segmented"), (report.get("timings_s") or {}).get("wall")
 
 
-def row_complete(row: ManifestRow, paths: dict[str, Path]) -> bool:
-    """Outputs complete, and written after the slide and its clicks last changed (else: redo)."""
-    return outputs_fresh(paths, [row.slide, row.points])
+def row_complete(row: ManifestRow, paths: dict[str, Path], ngff: str | None = None) -> bool:
+    """Outputs complete (label stores of NGFF ``ngff`` if given), and written after the slide and its
+    clicks last changed (else: redo)."""
+    return outputs_fresh(paths, [row.slide, row.points], ngff)
 
 
 def disk_state(row: ManifestRow, out_dir: Path, opts: BatchOptions) -> SlideResult:
     """A row's state from what is in ``out_dir`` (complete, failed, running or pending)."""
     so = opts.segment
     paths = output_paths(out_dir, row.stem, so.formats, so.gzip)
-    if row_complete(row, paths):
+    if row_complete(row, paths, so.ngff):
         return SlideResult(row, "complete", *_totals(_read_json(paths["report"])))
     holder = FileLock(out_dir / f"{row.stem}{LOCK_SUFFIX}", opts.stale_after).state()
     if holder is not False:
@@ -87,7 +88,7 @@ def process_row(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: Mod
         remove_temporaries(out_dir, stem_file_names(row.stem))
         so = opts.segment
         paths = output_paths(out_dir, row.stem, so.formats, so.gzip)
-        if row_complete(row, paths):
+        if row_complete(row, paths, so.ngff):
             remove_path(failed_path)
             return SlideResult(row, "complete", *_totals(_read_json(paths["report"])))
         t0 = time.perf_counter()
