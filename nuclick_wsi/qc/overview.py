@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from nuclick_wsi.store.ngff import read_ngff
+
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.io.slides.registry import open_slide
 from nuclick_wsi.qc.data import QcInputs
@@ -62,7 +64,8 @@ def label_thumbnail(labels_path, ds: float, ow: int, oh: int) -> np.ndarray:
     """The label image at the overview's scale, nearest-neighbour, from the coarsest pyramid level
     no coarser than ``ds`` (one level read, never level 0 unless the slide is small)."""
     group = zarr.open_group(str(labels_path), mode="r")
-    n_levels = len(group.attrs["multiscales"][0]["datasets"])
+    found = read_ngff(group.attrs.asdict())  # NGFF 0.4 (top level) or 0.5 (under "ome")
+    n_levels = len(found[1][0]["datasets"]) if found else 1
     level = max(0, min(n_levels - 1, int(math.floor(math.log2(ds))) if ds >= 1 else 0))
     arr = group[str(level)]
     f = 2 ** level

@@ -43,7 +43,7 @@ def _workdir(root: Path, template: Path | None = None) -> Path:
 
 
 def _folder(out: Path) -> dict[str, object]:
-    """Every file under ``out`` by relative path: bytes, or the report without its timings."""
+    """Every file under ``out`` by relative path: bytes, or the report without its timings (the QC page: present)."""
     got: dict[str, object] = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
@@ -53,6 +53,8 @@ def _folder(out: Path) -> dict[str, object]:
             rep = json.loads(p.read_text())
             rep.pop("timings_s")
             got[rel] = rep
+        elif rel.endswith(".qc.html"):  # a page for people: it shows the run's timings
+            got[rel] = "<qc page>"
         else:
             got[rel] = p.read_bytes()
     return got
