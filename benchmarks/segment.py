@@ -5,6 +5,7 @@ Prints nuclei/s, peak RSS of the segment process, and the read / infer / post / 
     python benchmarks/segment.py                       # 40000 x 30000 slide, 5000 clicks, default model
     python benchmarks/segment.py --width 100000 --height 80000 --clicks 20000
     python benchmarks/segment.py --device cuda
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/segment.py   # as on a CPU without AVX512/bf16
 
 The slide is a tiled TIFF at 0.25 um/px with dark elliptic "nuclei" on a pink background, written
 tile by tile (never whole in memory); clicks sit inside the nuclei, in clusters. The segment run is a
@@ -69,6 +70,18 @@ def make_slide(path: Path, width: int, height: int, n_clicks: int, seed: int = 0
     return pts
 
 
+def _cpu() -> dict:
+    """The CPU as torch sees it (ATEN_CPU_CAPABILITY=avx2 makes an AVX512 machine run torch's AVX2 kernels)."""
+    import os
+    import platform
+
+    import torch
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "nproc": os.cpu_count(),
+            "model": platform.processor() or platform.machine(),
+            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=40000)
@@ -77,6 +90,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--precision", default="auto", help="auto (measured), fp32 or bf16; the report says what ran.")
     ap.add_argument("--workdir", default=None, help="Keep the generated slide here (reused when present).")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="nuclick-bench-"))
@@ -90,7 +104,8 @@ def main() -> None:
         print(f"generated {slide.name} ({slide.stat().st_size / 1e6:.1f} MB) in {time.time() - t:.1f} s", file=sys.stderr)
     out = work / "out"
     cmd = [sys.executable, "-m", "nuclick_wsi.cli", "segment", str(slide), "--points", str(clicks), "-o", str(out),
-           "--quiet", "--device", args.device, "--batch-size", str(args.batch_size), "--no-qc"]
+           "--quiet", "--device", args.device, "--batch-size", str(args.batch_size), "--no-qc",
+           "--precision", args.precision]
     if args.weights:
         cmd += ["--weights", args.weights]
     t = time.time()
@@ -103,6 +118,7 @@ def main() -> None:
     other = tm["read"] + tm["post"] + tm["write"]
     print(json.dumps({
         "slide": f"{args.width} x {args.height}", "clicks": args.clicks, "segmented": n, "device": rep["device"],
+        "precision": rep.get("precision"), "model": rep["model"]["arch"], "cpu": _cpu(),
         "nuclei_per_s_pipeline": tm["nuclei_per_s"], "nuclei_per_s_process": round(n / wall, 1),
         "process_wall_s": round(wall, 2), "pipeline_wall_s": tm["wall"], "peak_rss_gib": round(rss_gib, 3),
         "busy_s": {k: tm[k] for k in ("read", "infer", "post", "write")},
