@@ -6,7 +6,7 @@
 Prints one JSON object: the CPU (model name, torch's capability, native bf16/AMX), patches/s at each
 precision (best of ``--repeats`` timed passes after a warm-up), the precision ``auto`` chose and why,
 and whether that choice is within 5% of the fastest measured path (the issue's target). The probe
-that ``auto`` runs is cached per machine (nuclick_wsi/precision.py); ``--fresh`` ignores the cache.
+that ``auto`` runs is cached per machine (nuclick_wsi/model/precision.py); ``--fresh`` ignores the cache.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Both take clicks as pixel positions ``(x, y)`` (column, row; integers) and return an int32 label
 image in which click ``k`` (0-based) owns label ``k + 1`` and 0 is background. They give a floor
-for the NuClick models on the same clicks (see ``docs/NUCLICK.md``).
+for the NuClick models on the same clicks (README, "The model: train and evaluate").
 
 If two clicks fall on the same pixel, the later one owns that pixel and the earlier one's label
 is absent from the output.

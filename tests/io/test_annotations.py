@@ -26,7 +26,7 @@ from nuclick_wsi.io.annotations import (
 from nuclick_wsi.errors import AnnotationError
 from nuclick_wsi.records import Instance
 
-SHARED = Path("/work/shared/data")
+from tests.helpers import SHARED  # noqa: E402
 ASAP_SAMPLES = SHARED / "annotations-samples"
 DEMO_CSV = SHARED / "nuclick-demo" / "test_img.csv"
 MONUSEG = SHARED / "monuseg-train" / "annotations" / "TCGA-21-5784-01Z-00-DX1.xml"

@@ -20,9 +20,9 @@ openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 from PIL import Image  # noqa: E402
 
-from tests.helpers import write_leica_scn  # noqa: E402
+from tests.helpers import SHARED, write_leica_scn  # noqa: E402
 
-DATA = Path("/work/shared/data")
+DATA = SHARED
 SLIDES = DATA / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 TCGA = SLIDES / "TCGA-CR-7395-01A-01-TS1.svs"

@@ -25,7 +25,7 @@ import java.nio.file.StandardCopyOption
 // Set to false to export points and lines only.
 def INCLUDE_AREAS = true
 
-// Shared with the Python side (nuclick_wsi/workflows/qupath_project.py); a test checks they match.
+// Shared with the Python side (nuclick_wsi/workflows/qupath_project/project.py); a test checks they match.
 def RESULT_MARKER = 'NuClick score'
 def UNSAFE_FILENAME = $/[\\/:*?"<>|\x00-\x1F\x7F]+/$
 def EMPTY_NAME = 'unnamed'

@@ -25,7 +25,7 @@
 import java.util.zip.GZIPInputStream
 import qupath.lib.io.PathIO
 
-// Shared with the Python side (nuclick_wsi/workflows/qupath_project.py); a test checks they match.
+// Shared with the Python side (nuclick_wsi/workflows/qupath_project/project.py); a test checks they match.
 def RESULT_MARKER = 'NuClick score'
 def UNSAFE_FILENAME = $/[\\/:*?"<>|\x00-\x1F\x7F]+/$
 def EMPTY_NAME = 'unnamed'

@@ -84,13 +84,13 @@ class TiaSource(PyramidSource):
         A slide file or folder (NGFF zarr, DICOM), an ``(h, w, 3)`` image, or an open ``WSIReader``.
     bounds_offset : bool
         For files TIAToolbox opens through OpenSlide: use QuPath's frame (cropped to
-        ``openslide.bounds-*``), as :class:`~nuclick_wsi.io.slides.base.OpenSlideSource` does.
+        ``openslide.bounds-*``), as :class:`~nuclick_wsi.io.slides.openslide.OpenSlideSource` does.
 
     Notes
     -----
     Windows are read with ``read_rect(..., resolution=level, units="level")`` (no resampling by
     TIAToolbox); our base class does the resampling, so regions are the same pixels as with our
-    readers. ``mpp`` is settled by :func:`~nuclick_wsi.io.slides.base.open_slide` (or :func:`tiatoolbox_source`).
+    readers. ``mpp`` is settled by :func:`~nuclick_wsi.io.slides.registry.open_slide` (or :func:`tiatoolbox_source`).
     """
 
     reader = "tiatoolbox"
