@@ -17,11 +17,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nuclick_wsi.model.architectures.unet import MultiScaleBlock, ResBlock, conv_bn_relu
+from nuclick_wsi.model.architectures.unet import LightUNet, conv_bn_relu
 
 
-class S2DUNet(nn.Module):
+class S2DUNet(LightUNet):
     """Space-to-depth U-Net for NuClick guidance (5 channels in, 1 logit out).
+
+    The encoder-decoder is :class:`LightUNet`'s (same blocks, same state-dict names) on the 2x2-folded
+    input; only the stem and the head differ.
 
     Parameters
     ----------
@@ -35,22 +38,8 @@ class S2DUNet(nn.Module):
     """
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), in_channels: int = 5, fine: int = 8) -> None:
-        super().__init__()
-        widths = list(widths)
-        self.widths = widths
-        self.encoders = nn.ModuleList()
-        cin = in_channels * 4
-        for w in widths[:-1]:
-            self.encoders.append(ResBlock(cin, w))
-            cin = w
-        self.bottleneck = nn.Sequential(ResBlock(cin, widths[-1]), MultiScaleBlock(widths[-1], widths[-1]))
-        self.ups = nn.ModuleList()
-        self.decoders = nn.ModuleList()
-        cin = widths[-1]
-        for w in reversed(widths[:-1]):
-            self.ups.append(nn.ConvTranspose2d(cin, w, 2, stride=2))
-            self.decoders.append(ResBlock(2 * w, w))
-            cin = w
+        nn.Module.__init__(self)
+        cin = self._build_body(widths, in_channels * 4)
         # back to full resolution: 4*fine channels at half resolution -> fine channels at full
         self.unfold = nn.Conv2d(cin, 4 * fine, 1)
         self.fine = conv_bn_relu(in_channels, fine)
@@ -58,14 +47,5 @@ class S2DUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = self.fine(x)
-        h = F.pixel_unshuffle(x, 2)
-        skips = []
-        for enc in self.encoders:
-            h = enc(h)
-            skips.append(h)
-            h = F.max_pool2d(h, 2)
-        h = self.bottleneck(h)
-        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
-            h = dec(torch.cat([up(h), skip], dim=1))
-        h = F.pixel_shuffle(self.unfold(h), 2)
+        h = F.pixel_shuffle(self.unfold(self.features(F.pixel_unshuffle(x, 2))), 2)
         return self.head(torch.cat([h, full], dim=1))

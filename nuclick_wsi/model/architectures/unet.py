@@ -63,6 +63,10 @@ class LightUNet(nn.Module):
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128), in_channels: int = 5) -> None:
         super().__init__()
+        self.head = nn.Conv2d(self._build_body(widths, in_channels), 1, 1)
+
+    def _build_body(self, widths: Sequence[int], in_channels: int) -> int:
+        """Encoders, bottleneck, up-convolutions and decoders; returns the last decoder's width."""
         widths = list(widths)
         self.widths = widths
         self.encoders = nn.ModuleList()
@@ -78,9 +82,10 @@ class LightUNet(nn.Module):
             self.ups.append(nn.ConvTranspose2d(cin, w, 2, stride=2))
             self.decoders.append(ResBlock(2 * w, w))
             cin = w
-        self.head = nn.Conv2d(cin, 1, 1)
+        return cin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder's features, at the input's resolution."""
         skips = []
         for enc in self.encoders:
             x = enc(x)
@@ -89,4 +94,7 @@ class LightUNet(nn.Module):
         x = self.bottleneck(x)
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
             x = dec(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
