@@ -60,6 +60,24 @@ class DiskNet(nn.Module):
         return logit.expand(n, 1, h, w).clone()
 
 
+def random_state_dict(shapes, seed: int, *, std=lambda shape: 0.02, batches_tracked: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors for a published key layout {key: shape}, as ``torch.save(model.state_dict())`` gives.
+
+    BatchNorm counters get ``batches_tracked``, running variances U(0.5, 1.5), everything else
+    N(0, std(shape)^2).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(batches_tracked, dtype=torch.long)
+        elif key.endswith("running_var"):
+            sd[key] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=gen) * std(shape)
+    return sd
+
+
 def disk_model(radius: float = 6.0, mpp: float = 0.25, **post) -> LoadedModel:
     """A LoadedModel around :class:`DiskNet` (threshold 0.5 -> pixels within ``radius`` of the click)."""
     meta = {"mpp": mpp, "patch_size": 128, "task": "nuclei",

@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from shapely.geometry import Point, shape
 from torch import nn
 
-from tests.helpers import centre_distance, DATA, DiskNet, disk_model, write_tiff_slide
+from tests.helpers import centre_distance, DATA, DiskNet, disk_model, random_state_dict, write_tiff_slide
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.errors import (AnnotationError, ModelError, NuclickError, OutputError, ResolutionError,
                                 SlideError)
@@ -675,16 +675,7 @@ def test_bad_options(small):
 
 @pytest.mark.slow
 def test_tiatoolbox_state_dict_loads_and_segments(tmp_path):
-    keys = json.loads(KEYS_JSON.read_text())["keys"]
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for key, shp in keys.items():
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(0, dtype=torch.long)
-        elif key.endswith("running_var"):
-            sd[key] = torch.rand(shp, generator=gen) + 0.5
-        else:
-            sd[key] = torch.randn(shp, generator=gen) * 0.02
+    sd = random_state_dict(json.loads(KEYS_JSON.read_text())["keys"], 0)
     path = tmp_path / "nuclick_original-pannuke.pth"
     torch.save(sd, path)
     del sd

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import DATA
+from tests.helpers import DATA, random_state_dict
 from nuclick_wsi.model.architectures.nuclick import BN_EPS, TIATOOLBOX_NUCLICK_DEFAULTS, NuClickNet
 
 KEYS_JSON = DATA / "tiatoolbox_nuclick_keys.json"
@@ -37,16 +37,7 @@ def net() -> NuClickNet:
 
 def _fake_tiatoolbox_checkpoint(reference: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """Random tensors with TIAToolbox's keys, as ``torch.save(model.state_dict())`` gives."""
-    gen = torch.Generator().manual_seed(1)
-    sd: dict[str, torch.Tensor] = {}
-    for key, shape in reference.items():
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(12345, dtype=torch.long)
-        elif key.endswith("running_var"):
-            sd[key] = torch.rand(shape, generator=gen) + 0.5
-        else:
-            sd[key] = torch.randn(shape, generator=gen) * 0.02
-    return sd
+    return random_state_dict(reference, 1, batches_tracked=12345)
 
 
 def test_state_dict_keys_and_shapes_match_tiatoolbox(

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import write_tiff_slide
+from tests.helpers import random_state_dict, write_tiff_slide
 from nuclick_wsi.errors import ModelError
 from nuclick_wsi.model.architectures.monai_basicunet import MonaiNuclickUNet
 from nuclick_wsi.model.architectures.nuclick_torch import NuclickTorchUNet
@@ -56,15 +56,7 @@ def published_state_dict(arch: str, p_out: float | None = None, seed: int = 0) -
     the probability ``p_out`` everywhere (the rest of the network still runs on random weights).
     """
     keys = json.loads((DATA / LAYOUTS[arch][0]).read_text())["keys"]
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in keys.items():
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(0, dtype=torch.long)
-        elif key.endswith("running_var"):
-            sd[key] = torch.rand(shape, generator=gen) + 0.5
-        else:
-            sd[key] = torch.randn(shape, generator=gen) / max(1, math.prod(shape[1:])) ** 0.5
+    sd = random_state_dict(keys, seed, std=lambda shape: 1 / max(1, math.prod(shape[1:])) ** 0.5)
     if p_out is not None:
         bias_key = LAYOUTS[arch][2]
         sd[bias_key.replace("bias", "weight")].zero_()
