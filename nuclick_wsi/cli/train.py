@@ -30,7 +30,11 @@ from nuclick_wsi.cli.common import device_option, fail_cleanly
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.25, show_default=True,
               help="um/px the model works at (the training images' resolution).")
-@click.option("--val", "val_tiles", default="", help="Comma-separated image names held out for validation.")
+@click.option("--val", "val_tiles", default="",
+              help="Comma-separated image names held out for validation; 'none' trains on every image and keeps "
+                   "the newest epoch (default: the last outlined image).")
+@click.option("--init", default=None,
+              help="Warm start: 'default' (the embedded model) or a checkpoint; its architecture is kept.")
 @click.option("--exclude", default="", help="Comma-separated image names never used (your test tiles).")
 @click.option("--no-binary-masks", is_flag=True, help="Ignore binary-mask-only images.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -40,7 +44,7 @@ from nuclick_wsi.cli.common import device_option, fail_cleanly
 @click.option("--quiet", "-q", is_flag=True)
 @fail_cleanly
 def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, patch_size, lr, mpp, val_tiles,
-          exclude, no_binary_masks, max_minutes, device, seed, quiet, loss=None, precision="auto") -> None:
+          exclude, no_binary_masks, max_minutes, device, seed, quiet, loss=None, precision="auto", init=None) -> None:
     """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines).
 
     --task gland: instance label images, one id per gland (GlaS: NAME.bmp + NAME_anno.bmp); squiggles
@@ -54,6 +58,7 @@ def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_siz
                       batch_size=batch_size, patch_size=patch_size, lr=lr, mpp=mpp, device=device, seed=seed,
                       val=split(val_tiles),
                       exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks,
-                      loss=loss, precision=precision)
+                      loss=loss, precision=precision, init=init)
     result = run_train(cfg, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
-    click.echo(f"best validation IoU {result['best_val_iou']:.4f}; weights in {output}")
+    best = result["best_val_iou"]
+    click.echo(f"best validation IoU {best:.4f}; weights in {output}" if best >= 0 else f"weights in {output}")

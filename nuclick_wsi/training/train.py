@@ -50,6 +50,9 @@ class TrainConfig:
     #: glands, whose recipe was not re-studied)
     loss: str | None = None
     precision: str = "auto"  #: "auto" (measured, as segment does), "fp32" or "bf16"
+    #: warm start: "default" (the embedded model) or a checkpoint path; its architecture, widths and
+    #: post-processing are kept
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in PATCH_DEFAULTS:
@@ -128,9 +131,18 @@ def validate(net, sampler: PatchSampler, device, batch_size: int,
             "iou_by_threshold": {str(t): round(v, 4) for t, v in mean.items()}}
 
 
+NO_VALIDATION = "none"
+
+
 def _split_tiles(cfg: TrainConfig, log) -> tuple[list[Tile], list[Tile], list[Tile]]:
-    """All tiles, the training ones and the validation ones (default: the last outlined tile)."""
+    """All tiles, the training ones and the validation ones (default: the last outlined tile).
+
+    ``--val none`` trains on every tile and validates on none (the shipped model's final run, whose
+    recipe and threshold were chosen on held-out tiles before).
+    """
     tiles = load_tiles(cfg.data, exclude=cfg.exclude, use_binary=cfg.use_binary_masks, log=log)
+    if cfg.val == [NO_VALIDATION]:
+        return tiles, tiles, []
     val_tiles = [t for t in tiles if t.name in cfg.val]
     train_tiles = [t for t in tiles if t.name not in cfg.val]
     missing = set(cfg.val) - {t.name for t in val_tiles}
@@ -149,9 +161,28 @@ def _samplers(cfg: TrainConfig, train_tiles: list[Tile], val_tiles: list[Tile]):
         from nuclick_wsi.training.squiggles import GlandSampler, make_gland_batch, validate_glands
 
         return (GlandSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed),
-                GlandSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1), make_gland_batch, validate_glands)
+                GlandSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1) if val_tiles else None,
+                make_gland_batch, validate_glands)
     return (PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed),
-            PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1), make_batch, validate)
+            PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1) if val_tiles else None, make_batch,
+            validate)
+
+
+def _network(cfg: TrainConfig, log) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """(network, arch args, post-processing) built fresh, or warm-started from ``cfg.init``."""
+    if cfg.init is None:
+        arch_args = {"widths": list(cfg.widths)} if cfg.arch in ("light-unet", "s2d-unet") else {}
+        return build_network(cfg.arch, arch_args), arch_args, dict(POSTPROCESS_DEFAULTS[cfg.task])
+    from nuclick_wsi.model.weights import load_model
+
+    loaded = load_model(None if cfg.init == "default" else cfg.init, task=cfg.task)
+    if loaded.task != cfg.task:
+        raise NuclickError(f"--init {cfg.init}: a {loaded.task} model cannot start a {cfg.task} training run")
+    cfg.arch, cfg.patch_size, cfg.mpp = loaded.arch, loaded.patch_size, loaded.mpp
+    if "widths" in loaded.arch_args:
+        cfg.widths = list(loaded.arch_args["widths"])
+    log(f"warm start from {loaded.source or cfg.init}: {loaded.arch} {loaded.arch_args}")
+    return loaded.net, dict(loaded.arch_args), loaded.postprocess
 
 
 def _resume(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[int, float, list, float, int]:
@@ -168,15 +199,15 @@ def _resume(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[int, f
 
 
 def _base_metadata(cfg: TrainConfig, tiles, train_tiles, val_tiles, sampler, val_sampler, choice,
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device, post: dict[str, Any]) -> dict[str, Any]:
     return {
         "task": cfg.task, "mpp": cfg.mpp, "patch_size": cfg.patch_size,
-        "postprocess": dict(POSTPROCESS_DEFAULTS[cfg.task]),
+        "postprocess": dict(post),
         "input": "RGB in [0, 1], inclusion map, exclusion map",
         "training": {
             "config": asdict(cfg),
             "train_tiles": [t.name for t in train_tiles], "val_tiles": [t.name for t in val_tiles],
-            "train_objects": len(sampler), "val_objects": len(val_sampler),
+            "train_objects": len(sampler), "val_objects": len(val_sampler) if val_sampler else 0,
             "sources": sorted({t.source for t in tiles}),
         },
         "package_version": __version__, "training_precision": {"name": choice.name, "reason": choice.reason},
@@ -229,10 +260,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
     device = resolve_device(cfg.device)
     out = Path(cfg.output)
     last = out.with_name(out.stem + ".last.pt")
+    net, arch_args, post0 = _network(cfg, log)
+    net = net.to(device).to(memory_format=torch.channels_last)
     tiles, train_tiles, val_tiles = _split_tiles(cfg, log)
     sampler, val_sampler, batch_fn, val_fn = _samplers(cfg, train_tiles, val_tiles)
-    arch_args = {"widths": list(cfg.widths)} if cfg.arch in ("light-unet", "s2d-unet") else {}
-    net = build_network(cfg.arch, arch_args).to(device).to(memory_format=torch.channels_last)
     choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(cfg.arch, arch_args))
     dtype = choice.dtype
     log(f"precision: {choice.name} ({choice.reason})")
@@ -242,7 +273,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
     set_lr = _lr_schedule(cfg, opt, steps_per_epoch * cfg.epochs)
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     start_epoch, best, history, elapsed0, gstep = _resume(last, net, opt, sampler, log)
-    meta_base = _base_metadata(cfg, tiles, train_tiles, val_tiles, sampler, val_sampler, choice, device)
+    meta_base = _base_metadata(cfg, tiles, train_tiles, val_tiles, sampler, val_sampler, choice, device,
+                               post0)
     t0 = time.time()
     net.train()
     for epoch in range(start_epoch, cfg.epochs):
@@ -255,19 +287,22 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
                                        gstep, lambda: elapsed0 + time.time() - t0, bar)
         if bar is not None:
             bar.close()
-        vm = val_fn(net, val_sampler, device, cfg.batch_size, **({"dtype": dtype, "loss_kind": cfg.loss} if val_fn is validate else {}))
+        vm = {} if val_sampler is None else val_fn(  # --val none: no figure but the training loss
+            net, val_sampler, device, cfg.batch_size,
+            **({"dtype": dtype, "loss_kind": cfg.loss} if val_fn is validate else {}))
         elapsed = elapsed0 + time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch, **{f"val_{k}": v for k, v in vm.items()},
                         "elapsed_s": round(elapsed, 1)})
         at = f" at {vm['threshold']:g}" if "threshold" in vm else ""
-        log(f"epoch {epoch + 1}: train loss {run_loss / steps_per_epoch:.4f}  val loss {vm['loss']:.4f}  "
-            f"val IoU {vm['iou']:.4f}{at}  ({elapsed / 60:.1f} min)")
+        shown = f"  val loss {vm['loss']:.4f}  val IoU {vm['iou']:.4f}{at}" if vm else ""
+        log(f"epoch {epoch + 1}: train loss {run_loss / steps_per_epoch:.4f}{shown}  ({elapsed / 60:.1f} min)")
         post = dict(meta_base["postprocess"])
         if "threshold" in vm:  # the cut validated with this checkpoint
             post["threshold"] = vm["threshold"]
-        meta = dict(meta_base, postprocess=post, validation=dict(vm, epoch=epoch + 1), training=dict(meta_base["training"], epochs_done=epoch + 1, elapsed_s=round(elapsed, 1), history=history))
-        if vm["iou"] > best:
-            best = vm["iou"]
+        meta = dict(meta_base, postprocess=post, validation=dict(vm, epoch=epoch + 1) if vm else None,
+                    training=dict(meta_base["training"], epochs_done=epoch + 1, elapsed_s=round(elapsed, 1), history=history))
+        if not vm or vm["iou"] > best:  # without validation the newest epoch is the model
+            best = vm.get("iou", best)
             save_checkpoint(out, net, cfg.arch, arch_args, meta)
         save_checkpoint(last, net, cfg.arch, arch_args, meta, extra={
             "optimizer": opt.state_dict(), "step": gstep, "epoch": epoch + 1, "best": best,

@@ -215,6 +215,33 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     assert [h["epoch"] for h in res2["history"]] == [1, 2, 3, 4]
 
 
+def test_warm_start_keeps_the_architecture_and_trains_on_every_tile(tmp_path):
+    """--init starts from a checkpoint's weights (arch, widths, threshold kept); --val none uses every tile."""
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    first = tmp_path / "first.pt"
+    train(TrainConfig(data=[str(data)], output=str(first), widths=[8, 16, 32, 64], epochs=1, samples_per_epoch=32,
+                      batch_size=16, val=["tile1"], seed=0), progress=False, log=lambda m: None)
+    start = load_model(first)
+    out = tmp_path / "warm.pt"
+    cfg = TrainConfig(data=[str(data)], output=str(out), widths=[32, 64, 128, 256], epochs=1, samples_per_epoch=32,
+                      batch_size=16, lr=1e-9, val=["none"], init=str(first), seed=0)
+    res = train(cfg, progress=False, log=lambda m: None)
+    warm = load_model(out)
+    assert warm.arch_args == start.arch_args == {"widths": [8, 16, 32, 64]}  # the checkpoint's widths win
+    assert warm.postprocess["threshold"] == start.postprocess["threshold"]
+    assert warm.metadata["training"]["train_tiles"] == ["tile0", "tile1"] and warm.metadata["training"]["val_tiles"] == []
+    assert "val_iou" not in res["history"][0] and np.isfinite(res["history"][0]["train_loss"])
+    # at a negligible learning rate the warm-started weights are still the first run's
+    for (k, a), b in zip(start.net.state_dict().items(), warm.net.state_dict().values()):
+        if a.is_floating_point() and "running" not in k:
+            assert torch.allclose(a, b, atol=1e-4), k
+    with pytest.raises(NuclickError, match="gland model cannot start a nuclei"):
+        gl = tmp_path / "gland.pt"
+        torch.save(dict(torch.load(first, weights_only=False), metadata=dict(start.metadata, task="gland")), gl)
+        train(TrainConfig(data=[str(data)], output=str(tmp_path / "x.pt"), epochs=1, init=str(gl)), progress=False,
+              log=lambda m: None)
+
+
 def test_validation_picks_the_best_threshold(monkeypatch):
     """validate scores masks as segment makes them at several cuts and reports the best one."""
     from nuclick_wsi.io.datasets import Tile
