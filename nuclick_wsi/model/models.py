@@ -136,12 +136,13 @@ class Models:
                 raise
         return (self.get("nuclei") if n_clicks else None), gland
 
-    def predictor(self, model: LoadedModel, device: str = "auto", precision: str = "auto") -> Predictor:
+    def predictor(self, model: LoadedModel, device: str = "auto", precision: str = "auto",
+                  tta: bool = False) -> Predictor:
         """The predictor of ``model`` on ``device`` at ``precision`` (made once per Models value)."""
-        key = (id(model), device, precision)
+        key = (id(model), device, precision, tta)
         with self._lock:
             if key not in self._predictors:
-                self._predictors[key] = Predictor(model, device, precision)
+                self._predictors[key] = Predictor(model, device, precision, tta)
             return self._predictors[key]
 
     def is_load_error(self, exc: BaseException) -> bool:

@@ -36,10 +36,17 @@ class Predictor:
     model : LoadedModel
     device : {"auto", "cpu", "cuda"}
     precision : {"auto", "fp32", "bf16", "fp16"}
+    tta : bool
+        Test-time augmentation: the mean probability over the patch as given and flipped left-right,
+        up-down and both (guidance flips with the image; 4x the network's work).
     """
 
-    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto") -> None:
+    #: flip axes (of a B, C, H, W batch) averaged under ``tta``
+    TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False) -> None:
         self.model = model
+        self.tta = bool(tta)
         self.device = resolve_device(device)
         net = model.net.to(self.device).eval().to(memory_format=torch.channels_last)
         self.net = net
@@ -51,7 +58,8 @@ class Predictor:
     @property
     def description(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return f"{self.device.type} ({name}, {self.precision.name}, {torch.get_num_threads()} threads)"
+        tta = ", tta x4" if self.tta else ""
+        return f"{self.device.type} ({name}, {self.precision.name}, {torch.get_num_threads()} threads{tta})"
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -59,10 +67,20 @@ class Predictor:
         x = torch.from_numpy(batch)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
+        if not self.tta:
+            return self._probability(x).cpu().numpy()
+        total = None
+        for dims in self.TTA_FLIPS:
+            p = self._probability(x.flip(dims) if dims else x)
+            p = p.flip([d - 1 for d in dims]) if dims else p  # (B, H, W): the batch's axes 2, 3 are 1, 2
+            total = p if total is None else total + p
+        return (total / len(self.TTA_FLIPS)).cpu().numpy()
+
+    def _probability(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         if self.dtype is not None:
             with torch.autocast(self.device.type, dtype=self.dtype):
                 logits = self.net(x)
         else:
             logits = self.net(x)
-        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        return torch.sigmoid(logits.float())[:, 0]

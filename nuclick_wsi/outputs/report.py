@@ -69,6 +69,8 @@ def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nucle
         "outputs": {k: str(p) for k, p in paths.items()},
         "clicks": clicks,
     }
+    if predictor.tta:  # only when asked for, so reports of plain runs keep their bytes
+        rep["tta"] = {"flips": len(predictor.TTA_FLIPS), "note": "probability = mean over the patch and its flips"}
     if gland:
         records = gland[1].records()
         n_gl = sum(r["status"] == "segmented" for r in records)

@@ -292,3 +292,15 @@ def test_segment_ngff_05_writes_a_zarr_v3_label_store(case):
     r = report["clicks"][0]
     assert open_labels(store)[math.floor(r["y"]), math.floor(r["x"])] == r["instance_id"]
     assert invoke(*segment_args(slide, pts, out, "--ngff", "0.6")).exit_code == 2  # click refuses it
+
+
+def test_tta_flag_reaches_the_predictor_and_the_report(case):
+    slide, pts, out = case
+    plain = invoke(*segment_args(slide, pts, out / "plain", "-q"))
+    tta = invoke(*segment_args(slide, pts, out / "tta", "-q", "--tta"))
+    assert plain.exit_code == 0 == tta.exit_code, tta.output
+    rep_plain = json.loads((out / "plain" / "slide.report.json").read_text())
+    rep_tta = json.loads((out / "tta" / "slide.report.json").read_text())
+    assert "tta" not in rep_plain and "tta x4" not in rep_plain["device"]
+    assert rep_tta["tta"]["flips"] == 4 and "tta x4" in rep_tta["device"]
+    assert rep_tta["totals"]["segmented"] == rep_plain["totals"]["segmented"] == 2
