@@ -1,11 +1,12 @@
-"""Raw forward speed of a model at fp32 and bf16 side by side, and what ``precision=auto`` picks.
+"""Raw forward speed of a model at fp32 and bf16, on PyTorch and OpenVINO, and what ``auto`` picks.
 
     python benchmarks/precision.py                      # the embedded default model
     python benchmarks/precision.py --weights my.pt --batch 64 --threads 2
 
 Prints one JSON object: the CPU (model name, torch's capability, native bf16/AMX), patches/s at each
-precision (best of ``--repeats`` timed passes after a warm-up), the precision ``auto`` chose and why,
-and whether that choice is within 5% of the fastest measured path (the issue's target). The probe
+precision and runtime (best of ``--repeats`` timed passes after a warm-up; OpenVINO when installed),
+the precision and runtime ``auto`` chose and why, and whether that choice is within 5% of the fastest
+measured path (the issue's target). The probe
 that ``auto`` runs is cached per machine (nuclick_wsi/model/precision.py); ``--fresh`` ignores the cache.
 """
 
@@ -15,8 +16,10 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -35,24 +38,41 @@ def main() -> None:
     from nuclick_wsi.model.weights import load_model
     from nuclick_wsi.model.precision import cpu_description, probe_speed
     from nuclick_wsi.model.predictor import Predictor
+    from nuclick_wsi.model.runtime import OpenVinoNet, openvino_version
 
     model = load_model(args.weights)
     dev = torch.device("cpu")
     net = model.net.eval().to(memory_format=torch.channels_last)
     speeds = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        speeds[name] = round(probe_speed(net, dev, dtype, patch_size=model.patch_size, batch=args.batch,
-                                         repeats=args.repeats), 1)
-    chosen = Predictor(model, "cpu", "auto").precision
+        speeds[f"torch {name}"] = round(probe_speed(net, dev, dtype, patch_size=model.patch_size, batch=args.batch,
+                                                    repeats=args.repeats), 1)
+    if openvino_version():
+        x = np.random.default_rng(0).random((args.batch, 5, model.patch_size, model.patch_size), dtype=np.float32)
+        for name in ("fp32", "bf16"):
+            compiled = OpenVinoNet(net, patch_size=model.patch_size, precision=name)
+            compiled(x)
+            best = min(_timed(compiled, x) for _ in range(args.repeats))
+            speeds[f"openvino {name}"] = round(args.batch / best, 1)
+    os.environ.pop("NUCLICK_WSI_RUNTIME", None)
+    chosen = Predictor(model, "cpu", "auto", runtime="auto")
+    key = f"{chosen.runtime.name} {chosen.precision.name}"
     fastest = max(speeds, key=speeds.get)
     print(json.dumps({
-        "cpu": cpu_description(), "torch": torch.__version__,
+        "cpu": cpu_description(), "torch": torch.__version__, "openvino": openvino_version(),
         "model": {"source": Path(model.source).name, "arch": model.arch, "arch_args": model.arch_args,
                   "patch_size": model.patch_size},
         "batch": args.batch, "patches_per_s": speeds,
-        "auto": {"name": chosen.name, "reason": chosen.reason},
-        "auto_within_5pct_of_fastest": speeds[chosen.name] >= 0.95 * speeds[fastest],
+        "auto": {"precision": chosen.precision.name, "precision_reason": chosen.precision.reason,
+                 "runtime": chosen.runtime.name, "runtime_reason": chosen.runtime.reason},
+        "auto_within_5pct_of_fastest": speeds[key] >= 0.95 * speeds[fastest],
     }, indent=1))
+
+
+def _timed(fn, x) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class SegmentOptions:
     device: str = "auto"
     precision: str = "auto"
     tta: bool = False  #: test-time augmentation: mean over 4 flips of each patch (4x the network's work)
+    runtime: str = "auto"  #: CPU inference runtime: "auto" (measured), "torch" or "openvino"
     batch_size: int = 64
     duplicate_px: float = 2.0
     chunk: int = 1024
@@ -115,7 +116,7 @@ def predict_labels(slide: SlideSource, prompts: Prompts, model: LoadedModel, *, 
     """
     opts = options or SegmentOptions(progress=False)
     mpp = mpp if mpp is not None else require_mpp(slide)
-    predictor = predictor or Predictor(model, opts.device, opts.precision, opts.tta)
+    predictor = predictor or Predictor(model, opts.device, opts.precision, opts.tta, opts.runtime)
     run = click_run(slide, prompts, model, predictor, mpp, stem, opts, check_clicks(prompts, slide, opts.duplicate_px))
     return run.in_memory(opts.chunk)
 
@@ -204,10 +205,10 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
         timer = Timer()
         nuclei = gland = None
         if nuclei_model is not None:
-            pred = models.predictor(nuclei_model, opts.device, opts.precision, opts.tta)
+            pred = models.predictor(nuclei_model, opts.device, opts.precision, opts.tta, opts.runtime)
             nuclei = (nuclei_model, click_run(slide, prompts, nuclei_model, pred, mpp, stem, opts, reasons, timer))
         if gland_model is not None:
-            pred = models.predictor(gland_model, opts.device, opts.precision, opts.tta)
+            pred = models.predictor(gland_model, opts.device, opts.precision, opts.tta, opts.runtime)
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
                                                first_label=len(prompts.clicks) + 1, timer=timer))
         report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
-import torch
+# Set before tests.helpers is imported: its SUB_ENV (the environment of CLI subprocesses) copies these.
+# Precision and runtime probes go to a cache of the test session's own, never the user's ~/.cache; runs stay
+# on PyTorch unless a test asks for OpenVINO (tests/model/test_runtime.py tests auto itself).
+os.environ["NUCLICK_WSI_CACHE_DIR"] = tempfile.mkdtemp(prefix="nuclick-test-cache-")
+os.environ.setdefault("NUCLICK_WSI_RUNTIME", "torch")
 
-from tests.helpers import SHARED, disk_model, write_tiff_slide
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import SHARED, disk_model, write_tiff_slide  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _precision_cache(tmp_path_factory):
-    """Precision probes go to a cache of the test session's own, never the user's ~/.cache."""
-    os.environ["NUCLICK_WSI_CACHE_DIR"] = str(tmp_path_factory.mktemp("nuclick-cache"))
 
 
 @pytest.fixture

@@ -102,6 +102,9 @@ def model_options(fn):
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="auto: fp16 autocast on CUDA; on CPU bf16 only where the CPU has "
                                              "native bf16 and a probe finds it faster, else fp32."),
+        click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto", show_default=True,
+                     help="CPU inference runtime: auto times PyTorch and OpenVINO (when installed) once per machine "
+                          "and keeps the faster."),
         click.option("--tta", is_flag=True,
                      help="Test-time augmentation: each patch's probability is the mean over 4 flips (about 4x "
                           "slower; README: Model)."),

@@ -25,12 +25,13 @@ from nuclick_wsi.errors import NuclickError
 @click.option("--scale", type=click.FloatRange(min=0.1, max=1.0), default=1.0, show_default=True,
               help="Read the tiles at SCALE times their resolution first (0.5: a 40x tile as a 20x scan gives it).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto", show_default=True)
 @click.option("--tta", is_flag=True, help="Test-time augmentation: mean over 4 flips (4x the network's work).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option()
 @fail_cleanly
 def evaluate(data, weights, tiles, jitter, mpp, no_baselines, json_out, seed, device, scale=1.0, precision="auto",
-             tta=False) -> None:
+             tta=False, runtime="auto") -> None:
     """Score a model with the NuClick protocol (a click per ground-truth nucleus): AJI, Dice, DQ, SQ, PQ, Hausdorff."""
     from nuclick_wsi.evaluation.protocol import evaluate as run_eval, format_table, load_eval_tiles
     from nuclick_wsi.model.weights import load_model
@@ -46,7 +47,7 @@ def evaluate(data, weights, tiles, jitter, mpp, no_baselines, json_out, seed, de
     model = load_model(weights)
     result = run_eval(found, model, mpp=mpp, jitter=jitter, seed=seed, baselines=not no_baselines,
                       options=SegmentOptions(progress=False, duplicate_px=0, device=device, precision=precision,
-                                             tta=tta),
+                                             tta=tta, runtime=runtime),
                       progress=True, scale=scale)
     click.echo(format_table(result))
     for note in result["notes"]:

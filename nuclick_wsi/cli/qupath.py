@@ -28,7 +28,7 @@ def qupath() -> None:
 @model_options
 @fail_cleanly
 def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, mpp, bounds_offset, reader, ngff,
-               weights, device, batch_size, precision, qc=True, tta=False) -> None:
+               weights, device, batch_size, precision, qc=True, tta=False, runtime="auto") -> None:
     """Segment PROJECT/nuclick/clicks/<image>.geojson for each image of PROJECT (project.qpproj or its folder).
 
     Results go to PROJECT/nuclick/results/<image>.geojson (+ .labels.zarr, .report.json) for
@@ -43,7 +43,7 @@ def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, 
     forced = None if ctx.get_parameter_source("bounds_offset") == click.core.ParameterSource.DEFAULT else bounds_offset
     proj = read_project(project)
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, reader=reader, device=device,
-                          precision=precision, tta=tta, batch_size=batch_size, progress=False, roi=roi, ngff=ngff, qc=qc)
+                          precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, progress=False, roi=roi, ngff=ngff, qc=qc)
     log = None if quiet else (lambda line: click.echo(line, err=True))
     run = run_project(proj, options=opts, models=Models.from_flags(weights, gland_weights), bounds_offset=forced,
                       force=force, log=log)

@@ -32,12 +32,12 @@ from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, 
 @fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
             roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, ngff, weights, device,
-            batch_size, precision, qc=True, tta=False) -> None:
+            batch_size, precision, qc=True, tta=False, runtime="auto") -> None:
     """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
     from nuclick_wsi.pipeline import Models, SegmentOptions, segment as run_segment
 
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
-                          device=device, precision=precision, tta=tta, batch_size=batch_size, gzip=gzip, progress=not quiet,
+                          device=device, precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, gzip=gzip, progress=not quiet,
                           roi=roi, squiggle_groups=squiggle_groups, ngff=ngff, qc=qc)
     models = Models.from_flags(weights, gland_weights, task=task, threshold=threshold, min_object_px=min_object_px,
                                min_hole_px=min_hole_px)

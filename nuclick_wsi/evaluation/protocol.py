@@ -172,7 +172,7 @@ def evaluate(tiles: list[Tile], model: LoadedModel, *, mpp: float | None = None,
     from nuclick_wsi.model.predictor import Predictor
 
     opts = options or SegmentOptions(progress=False, duplicate_px=0)
-    predictor = Predictor(model, opts.device, opts.precision, opts.tta)
+    predictor = Predictor(model, opts.device, opts.precision, opts.tta, opts.runtime)
     per_tile, notes = [], []
     it = tiles
     if progress:

@@ -137,12 +137,12 @@ class Models:
         return (self.get("nuclei") if n_clicks else None), gland
 
     def predictor(self, model: LoadedModel, device: str = "auto", precision: str = "auto",
-                  tta: bool = False) -> Predictor:
+                  tta: bool = False, runtime: str = "auto") -> Predictor:
         """The predictor of ``model`` on ``device`` at ``precision`` (made once per Models value)."""
-        key = (id(model), device, precision, tta)
+        key = (id(model), device, precision, tta, runtime)
         with self._lock:
             if key not in self._predictors:
-                self._predictors[key] = Predictor(model, device, precision, tta)
+                self._predictors[key] = Predictor(model, device, precision, tta, runtime)
             return self._predictors[key]
 
     def is_load_error(self, exc: BaseException) -> bool:

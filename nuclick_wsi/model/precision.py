@@ -88,7 +88,7 @@ def cache_path() -> Path:
     return Path(xdg or Path.home() / ".cache") / "nuclick-wsi" / "precision.json"
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
+def read_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -96,11 +96,11 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_cache(path: Path, key: str, value: dict[str, Any]) -> bool:
+def write_cache(path: Path, key: str, value: dict[str, Any]) -> bool:
     """Add one entry, atomically; False when the cache cannot be written (read-only home...)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_cache(path)
+        data = read_cache(path)
         data[key] = value
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".precision-", suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -161,7 +161,7 @@ def choose_precision(net: torch.nn.Module, device: torch.device, requested: str 
         return PrecisionChoice("fp32", f"CPU without native bf16 ({cpu['capability']}, no AVX512-BF16/AMX): fp32")
     path = cache or cache_path()
     key = json.dumps([cpu, torch.__version__, patch_size, in_channels, arch_key], sort_keys=True, default=str)
-    hit = _read_cache(path).get(key)
+    hit = read_cache(path).get(key)
     if isinstance(hit, dict) and hit.get("name") in ("fp32", "bf16") and isinstance(hit.get("measured"), dict):
         return PrecisionChoice(hit["name"], str(hit.get("reason", "")) + " (cached probe)", dict(hit["measured"]))
     measured = {name: round(probe(net, device, DTYPES[name], patch_size=patch_size, in_channels=in_channels), 1)
@@ -169,6 +169,6 @@ def choose_precision(net: torch.nn.Module, device: torch.device, requested: str 
     name = "bf16" if measured["bf16"] >= MIN_GAIN * measured["fp32"] else "fp32"
     reason = (f"probe on {cpu['capability']} with native bf16, {cpu['threads']} threads: "
               f"fp32 {measured['fp32']:.0f}, bf16 {measured['bf16']:.0f} patches/s")
-    if not _write_cache(path, key, {"name": name, "reason": reason, "measured": measured}):
+    if not write_cache(path, key, {"name": name, "reason": reason, "measured": measured}):
         reason += f" (cache {path} not writable: probed each run)"
     return PrecisionChoice(name, reason, measured)

@@ -13,6 +13,7 @@ import torch
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.model.weights import LoadedModel
 from nuclick_wsi.model.precision import choose_precision
+from nuclick_wsi.model.runtime import choose_runtime
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -36,6 +37,8 @@ class Predictor:
     model : LoadedModel
     device : {"auto", "cpu", "cuda"}
     precision : {"auto", "fp32", "bf16", "fp16"}
+    runtime : {"auto", "torch", "openvino"}
+        CPU inference runtime; ``auto`` measures (nuclick_wsi/model/runtime.py).
     tta : bool
         Test-time augmentation: the mean probability over the patch as given and flipped left-right,
         up-down and both (guidance flips with the image; 4x the network's work).
@@ -44,7 +47,8 @@ class Predictor:
     #: flip axes (of a B, C, H, W batch) averaged under ``tta``
     TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
-    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False) -> None:
+    def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto", tta: bool = False,
+                 runtime: str = "auto") -> None:
         self.model = model
         self.tta = bool(tta)
         self.device = resolve_device(device)
@@ -54,12 +58,17 @@ class Predictor:
         self.precision = choose_precision(net, self.device, precision, patch_size=model.patch_size,
                                           arch_key=(model.arch, model.arch_args))
         self.dtype = self.precision.dtype
+        #: PyTorch or OpenVINO, and why
+        self.runtime = choose_runtime(net, self.device, runtime, precision=self.precision, arch=model.arch,
+                                      patch_size=model.patch_size, arch_key=(model.arch, model.arch_args))
+        self._compiled = self.runtime.engine
 
     @property
     def description(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         tta = ", tta x4" if self.tta else ""
-        return f"{self.device.type} ({name}, {self.precision.name}, {torch.get_num_threads()} threads{tta})"
+        rt = ", openvino" if self.runtime.name == "openvino" else ""
+        return f"{self.device.type} ({name}, {self.precision.name}{rt}, {torch.get_num_threads()} threads{tta})"
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -77,6 +86,8 @@ class Predictor:
         return (total / len(self.TTA_FLIPS)).cpu().numpy()
 
     def _probability(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            return torch.sigmoid(torch.from_numpy(self._compiled(x.contiguous().numpy())))[:, 0]
         x = x.contiguous(memory_format=torch.channels_last)
         if self.dtype is not None:
             with torch.autocast(self.device.type, dtype=self.dtype):

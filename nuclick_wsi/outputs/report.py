@@ -62,6 +62,7 @@ def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nucle
         "model": model_section(*nuclei) if nuclei else None,
         "device": predictor.description,
         "precision": {"name": predictor.precision.name, "reason": predictor.precision.reason},
+        "runtime": {"name": predictor.runtime.name, "reason": predictor.runtime.reason},
         "totals": {"clicks": len(clicks), "segmented": n_seg, "skipped": len(clicks) - n_seg,
                    "skipped_by_reason": skipped_by_reason(clicks)},
         "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()}, "wall": round(wall, 3),
