@@ -6,8 +6,8 @@ pixels of context on every side). A tile is kept when it meets the areas the use
 or, without areas, when an outline's centroid or a point lies in it.
 
 Each :class:`RegionTile` carries the RGB image at the model's um/px, instance labels rasterised from
-the outlines on that grid (a pixel belongs to an outline when its centre is inside; holes stay
-background; later outlines overwrite earlier ones), the points in tile pixels, and a ``valid`` mask:
+the outlines on that grid (a pixel belongs to an outline when its centre is inside, by GEOS; holes
+stay background; later outlines overwrite earlier ones), the points in tile pixels, and a ``valid`` mask:
 the tile's core (margin excluded) inside the areas, or, without areas, the outlines and points grown
 by ``grow_um``: there, and only there, an unlabelled pixel is known to be background.
 
@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import draw
 
 from nuclick_wsi.errors import AnnotationError, NuclickError
 from nuclick_wsi.io.annotations import detect_format, read_prompts, read_qupath_polygons
@@ -85,20 +84,26 @@ def read_roi(path: str | os.PathLike) -> Any:
 
 
 def rasterize(geometries: list[Any], shape: tuple[int, int]) -> np.ndarray:
-    """Instance labels 1..n (in order) of shapely polygons given in tile pixels; holes are background."""
+    """Instance labels 1..n (in order, later on top) of shapely polygons given in tile pixels.
+
+    A pixel belongs to a polygon when its centre ``(j + 0.5, i + 0.5)`` is inside (GEOS, holes excluded);
+    only the pixels of each polygon's bounding box are tested.
+    """
+    import shapely
+
     labels = np.zeros(shape, np.int32)
+    h, w = shape
     for k, geom in enumerate(geometries, start=1):
-        for poly in getattr(geom, "geoms", [geom]):
-            if poly.geom_type != "Polygon" or poly.is_empty:
-                continue
-            ext = np.asarray(poly.exterior.coords)
-            rr, cc = draw.polygon(ext[:, 1] - 0.5, ext[:, 0] - 0.5, shape)
-            labels[rr, cc] = k
-            for ring in poly.interiors:
-                xy = np.asarray(ring.coords)
-                rr, cc = draw.polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, shape)
-                hole = labels[rr, cc] == k
-                labels[rr[hole], cc[hole]] = 0
+        if geom.is_empty:
+            continue
+        x0, y0, x1, y1 = geom.bounds
+        c0, r0 = max(int(math.floor(x0 - 0.5)), 0), max(int(math.floor(y0 - 0.5)), 0)
+        c1, r1 = min(int(math.ceil(x1 + 0.5)), w), min(int(math.ceil(y1 + 0.5)), h)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        cc, rr = np.meshgrid(np.arange(c0, c1), np.arange(r0, r1))
+        inside = shapely.contains_xy(geom, cc + 0.5, rr + 0.5)
+        labels[rr[inside], cc[inside]] = k
     return labels
 
 
