@@ -131,6 +131,16 @@ def _to_tile(geom: Any, rx: float, ry: float, s: float) -> Any:
     return affinity.affine_transform(geom, [1 / s, 0, 0, 1 / s, -rx / s, -ry / s])
 
 
+def _drop_empty(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Labels renumbered 1..m over the ids that cover a pixel, and the kept ids' 0-based indices."""
+    present = np.unique(labels)[1:]
+    if len(present) == labels.max():
+        return labels, list(range(len(present)))
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[present] = np.arange(1, len(present) + 1)
+    return lut[labels], [int(i) - 1 for i in present]
+
+
 def _valid_mask(shape: tuple[int, int], margin: int, roi_px: Any, labels: np.ndarray, pts: np.ndarray,
                 grow_px: float) -> np.ndarray:
     """Core of the tile inside the areas; without areas, the outlines and points grown by ``grow_px``."""
@@ -168,6 +178,8 @@ def iter_region_tiles(slide: SlideSource, outlines: Outlines, *, mpp: float, til
         hits = sorted(int(i) for i in tree.query(region, predicate="intersects")) if tree is not None else []
         geoms = [_to_tile(outlines.geometries[i], rx, ry, s) for i in hits]
         labels = rasterize(geoms, (size, size))
+        labels, kept = _drop_empty(labels)
+        hits, geoms = [hits[k] for k in kept], [geoms[k] for k in kept]
         inside = (pts[:, 0] >= rx) & (pts[:, 0] < rx + size * s) & (pts[:, 1] >= ry) & (pts[:, 1] < ry + size * s)
         tile_pts = (pts[inside] - [rx, ry]) / s
         roi_px = None if roi is None else _to_tile(roi.intersection(region), rx, ry, s)
