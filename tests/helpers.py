@@ -366,3 +366,26 @@ class RecordingSource:
 
     def close(self) -> None:
         self.source.close()
+
+
+def segmented_blobs(folder: Path) -> tuple[Path, Path]:
+    """:func:`blob_slide` (0.5 um/px, 50 nuclei) segmented by :func:`dark_model` at 0.25 um/px from clicks at the
+    nuclei (classes Tumor/Stroma from the clicks); returns (slide, segment output folder)."""
+    from nuclick_wsi.pipeline import Models, SegmentOptions, segment
+
+    slide, _, polys = blob_slide(folder, n=50)
+    clicks = folder / "clicks.csv"
+    clicks.write_text("x,y,class\n" + "".join(f"{p.centroid.x:.2f},{p.centroid.y:.2f},{'Tumor' if k % 3 else 'Stroma'}\n"
+                                             for k, p in enumerate(polys)))
+    out = folder / "out"
+    segment(slide, clicks, out, options=SegmentOptions(progress=False, device="cpu"),
+            models=Models(nuclei=dark_model(mpp=0.25)))
+    return slide, out
+
+
+def roi_file(path: Path, *geoms) -> Path:
+    """A QuPath GeoJSON of area annotations (shapely polygons)."""
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [list(g.exterior.coords)]},
+              "properties": {"objectType": "annotation"}} for g in geoms]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 import uuid
 from dataclasses import dataclass
@@ -189,6 +190,6 @@ def _export_slide(root: Path, run: SlideRun, outlines, area, roi: Path | None, t
             entry = _write_tile(root, rt, class_ids)
             manifest["tiles"].append({"slide": run.stem, **entry})
             count += 1
-    return {"stem": run.stem, "slide": str(run.slide), "slide_mpp": run.slide_mpp, "report": str(run.report),
+    return {"stem": run.stem, "slide": os.path.abspath(run.slide), "slide_mpp": run.slide_mpp, "report": str(run.report),
             "outlines": str(run.outlines), "model": run.model, "roi": None if roi is None else str(roi),
             "tiles": count}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,30 +13,14 @@ from nuclick_wsi import __version__
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.io.annotations import read_qupath_polygons
 from nuclick_wsi.io.datasets import find_pairs
-from nuclick_wsi.pipeline import Models, SegmentOptions, segment
-from nuclick_wsi.training.export import NO_ROI, export_training
+from nuclick_wsi.training.export import SlideRun, export_training, match_rois
 from nuclick_wsi.training.train import load_tiles
-from tests.helpers import RecordingSource, blob_slide, canonical_labels, dark_model, labels_at_pixel_centres
-
-
-def roi_file(path, *boxes):
-    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [list(b.exterior.coords)]},
-              "properties": {"objectType": "annotation"}} for b in boxes]
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    return path
+from tests.helpers import RecordingSource, canonical_labels, labels_at_pixel_centres, roi_file, segmented_blobs
 
 
 @pytest.fixture
 def segmented(tmp_path):
-    """A slide at 0.5 um/px with dark nuclei, segmented (clicks at the nuclei) by a model at 0.25 um/px."""
-    slide, _, polys = blob_slide(tmp_path, n=50)
-    clicks = tmp_path / "clicks.csv"
-    clicks.write_text("x,y,class\n" + "".join(f"{p.centroid.x:.2f},{p.centroid.y:.2f},{'Tumor' if k % 3 else 'Stroma'}\n"
-                                             for k, p in enumerate(polys)))
-    out = tmp_path / "out"
-    segment(slide, clicks, out, options=SegmentOptions(progress=False, device="cpu"),
-            models=Models(nuclei=dark_model(mpp=0.25)))
-    return slide, out
+    return segmented_blobs(tmp_path)
 
 
 def test_export_round_trip_train_reads_the_outlines_pixel_for_pixel(segmented, tmp_path, monkeypatch):
@@ -102,15 +84,6 @@ def test_manifest_provenance_and_roi_filter(segmented, tmp_path):
         assert sorted(p.stem for p in (tmp_path / "ds" / sub).glob(f"*.{ext}")) == sorted(t["name"] for t in manifest["tiles"])
 
 
-def test_refuses_without_roi_in_one_line_and_writes_nothing(segmented, tmp_path):
-    _, out = segmented
-    before = sorted(p.name for p in out.iterdir())
-    r = subprocess.run([sys.executable, "-m", "nuclick_wsi.cli", "export-training", str(out), "-o", str(tmp_path / "ds")],
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.strip() == f"Error: {NO_ROI}" and "\n" not in r.stderr.strip()
-    assert not (tmp_path / "ds").exists() and sorted(p.name for p in out.iterdir()) == before
-
-
 def test_around_outlines_marks_only_the_grown_outlines_valid(segmented, tmp_path):
     _, out = segmented
     m = export_training(out, tmp_path / "ds", tile=64, around_outlines=True, progress=False, log=lambda m: None)
@@ -119,16 +92,8 @@ def test_around_outlines_marks_only_the_grown_outlines_valid(segmented, tmp_path
     assert all(t.valid[t.labels > 0].all() and not t.valid.all() for t in tiles)
 
 
-def test_existing_user_folder_is_never_replaced(segmented, tmp_path):
+def test_an_earlier_export_is_replaced_whole(segmented, tmp_path):
     _, out = segmented
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep")
-    r = subprocess.run([sys.executable, "-m", "nuclick_wsi.cli", "export-training", str(out), "-o", str(mine),
-                        "--around-outlines"], capture_output=True, text=True)
-    assert r.returncode == 1 and "mine: exists and is not an earlier export-training folder" in r.stderr
-    assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
-    # an earlier export is replaced whole (nothing of it left behind)
     export_training(out, tmp_path / "ds", tile=64, around_outlines=True, progress=False, log=lambda m: None)
     (tmp_path / "ds" / "images" / "stale.png").write_bytes(b"x")
     export_training(out, tmp_path / "ds", tile=64, around_outlines=True, progress=False, log=lambda m: None)
@@ -149,3 +114,13 @@ def test_bad_report_and_missing_slide_name_the_file(segmented, tmp_path):
         export_training(out, tmp_path / "ds", around_outlines=True, progress=False, log=lambda m: None)
     with pytest.raises(NuclickError, match=r"no S\.report\.json"):
         export_training(tmp_path / "ds-none", tmp_path / "ds", around_outlines=True, progress=False, log=lambda m: None)
+
+
+def test_areas_files_are_matched_to_slides_by_stem(tmp_path):
+    runs = [SlideRun(stem, tmp_path / f"{stem}.report.json", tmp_path / f"{stem}.svs", tmp_path / f"{stem}.geojson",
+                     0.5, 0.25, "m", "auto", False) for stem in ("a", "ab")]
+    got = match_rois(runs, [tmp_path / "ab.areas.geojson", tmp_path / "a.areas.geojson"])
+    assert got == {"ab": tmp_path / "ab.areas.geojson", "a": tmp_path / "a.areas.geojson"}  # longest stem wins
+    with pytest.raises(NuclickError, match=r"zz\.geojson: --roi matches no slide .*a, ab"):
+        match_rois(runs, [tmp_path / "zz.geojson"])
+    assert match_rois(runs[:1], [tmp_path / "any.geojson"]) == {"a": tmp_path / "any.geojson"}  # one slide, one file

@@ -13,7 +13,7 @@ from nuclick_wsi.io.annotations import read_qupath_polygons
 from nuclick_wsi.io.datasets import ids_inside
 from nuclick_wsi.io.slides import open_slide
 from nuclick_wsi.training.regions import iter_region_tiles, read_outlines, read_roi, slide_tiles
-from tests.helpers import RecordingSource, blob_slide, canonical_labels, labels_at_pixel_centres
+from tests.helpers import RecordingSource, blob_slide, canonical_labels, labels_at_pixel_centres, roi_file
 
 
 @pytest.fixture
@@ -53,11 +53,7 @@ def test_roi_limits_tiles_and_valid_mask(blobs, tmp_path):
     slide_path, outlines_path, _ = blobs
     polys = [p["geometry"] for p in read_qupath_polygons(outlines_path)]
     roi = box(100, 80, 260, 200)
-    roi_file = tmp_path / "roi.geojson"
-    roi_file.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [list(roi.exterior.coords)]},
-         "properties": {"objectType": "annotation"}}]}))
-    area = read_roi(roi_file)
+    area = read_roi(roi_file(tmp_path / "roi.geojson", roi))
     assert area.equals(roi)
     rec = RecordingSource(open_slide(slide_path))
     tiles = list(iter_region_tiles(rec, read_outlines(outlines_path), mpp=0.25, tile=128, roi=area))
@@ -89,10 +85,8 @@ def test_slide_tiles_click_each_outline_once_and_only_inside_the_roi(blobs, tmp_
     tiles = slide_tiles(str(slide_path), str(outlines_path), mpp=0.25, patch=64, tile=256, log=lambda m: None)
     assert sum(len(t.targets) for t in tiles) == len(polys)
     roi = box(0, 0, 350, 520)
-    roi_file = tmp_path / "left.geojson"
-    roi_file.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon",
-                                                                     "coordinates": [list(roi.exterior.coords)]}}))
-    left = slide_tiles(str(slide_path), str(outlines_path), mpp=0.25, patch=64, tile=256, roi=str(roi_file),
+    left = slide_tiles(str(slide_path), str(outlines_path), mpp=0.25, patch=64, tile=256,
+                       roi=str(roi_file(tmp_path / "left.geojson", roi)),
                        log=lambda m: None)
     n_left = sum(p.centroid.x < 350 for p in polys)
     assert sum(len(t.targets) for t in left) == n_left < len(polys)
