@@ -106,7 +106,9 @@ def main() -> None:
         results.append(one_way(args, b, a, "ba"))
     import torch
 
-    out = {"weights": args.weights, "threads": os.environ.get("OMP_NUM_THREADS"), "nproc": os.cpu_count(),
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    out = {"weights": args.weights, "commit": head, "threads": os.environ.get("OMP_NUM_THREADS"), "nproc": os.cpu_count(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": sys.version.split()[0],
            "results": results}
     print(json.dumps(out, indent=1))
