@@ -210,7 +210,7 @@ def slide_tiles(slide_path: str, annotations: str, *, mpp: float, patch: int, ro
             targets = ids_inside(rt.labels, rt.valid)
             if len(targets):
                 out.append(Tile(name=rt.name, image=rt.image, labels=rt.labels, targets=targets, mpp=mpp,
-                                source=f"{annotations} on {slide_path}"))
+                                source=f"{annotations} on {slide_path}", valid=rt.valid))
     if not out:
         raise NuclickError(f"{annotations}: no outline has its centroid inside the slide"
                            f"{' and the --roi areas' if roi else ''} ({slide_path})")
