@@ -287,3 +287,105 @@ def write_clicks(project: Path, name: str, features: list[dict]) -> Path:
     path = folder / f"{safe_name(name)}.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# slides with outlined nuclei (training from slides: training/regions.py, export-training)
+
+
+def blob_slide(folder: Path, *, width: int = 700, height: int = 520, mpp: float = 0.5, n: int = 40,
+               seed: int = 0, classes: tuple[str, ...] = ("Tumor", "Stroma")) -> tuple[Path, Path, list]:
+    """A pyramidal TIFF with dark elliptic nuclei on pink, and their outlines as a QuPath GeoJSON.
+
+    Returns (slide, outlines file, shapely polygons in level-0 px, in file order). Ellipses do not touch.
+    """
+    from shapely import affinity
+    from shapely.geometry import Point
+
+    from nuclick_wsi.io.annotations import write_qupath
+    from nuclick_wsi.records import Instance
+
+    rng = np.random.default_rng(seed)
+    rgb = np.empty((height, width, 3), np.uint8)
+    rgb[:] = (235, 195, 215)
+    taken = np.zeros((height, width), bool)
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    polys = []
+    while len(polys) < n:
+        cx, cy = rng.uniform(12, width - 12), rng.uniform(12, height - 12)
+        rx, ry = rng.uniform(3.5, 7.0, 2)
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.4
+        if taken[inside].any():
+            continue
+        taken |= inside
+        rgb[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = (80, 45, 130)
+        polys.append(affinity.scale(Point(cx, cy).buffer(1.0, 16), rx, ry))
+    slide = write_tiff_slide(folder / "blobs.tif", width, height, mpp, rgb=rgb)
+    outlines = folder / "blobs.outlines.geojson"
+    write_qupath([Instance(label=k, uuid=f"n{k}", geometry=p, class_name=classes[k % len(classes)])
+                  for k, p in enumerate(polys, 1)], outlines)
+    return slide, outlines, polys
+
+
+def labels_at_pixel_centres(geoms: list, x0: float, y0: float, scale: float, shape: tuple[int, int]) -> np.ndarray:
+    """Instance labels (1..n in order, later ones on top) from pixel-centre containment, computed with shapely:
+    pixel (i, j) has its centre at level-0 (x0 + (j + 0.5) * scale, y0 + (i + 0.5) * scale)."""
+    import shapely
+
+    jj, ii = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]))
+    xs, ys = x0 + (jj + 0.5) * scale, y0 + (ii + 0.5) * scale
+    out = np.zeros(shape, np.int32)
+    for k, g in enumerate(geoms, 1):
+        out[shapely.contains_xy(g, xs, ys)] = k
+    return out
+
+
+def canonical_labels(labels: np.ndarray) -> np.ndarray:
+    """Instance labels renumbered by first appearance in raster order (compare partitions, not ids)."""
+    ids, first = np.unique(labels.ravel(), return_index=True)
+    order = ids[np.argsort(first)]
+    order = order[order > 0]
+    lut = np.zeros(int(labels.max()) + 1, np.int64)
+    lut[order] = np.arange(1, len(order) + 1)
+    return lut[labels]
+
+
+class RecordingSource:
+    """A slide source wrapper that records the level-0 size of every region read."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+        self.sizes: list[tuple[float, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def read_region(self, x, y, w, h, ow, oh):
+        self.sizes.append((w, h))
+        return self.source.read_region(x, y, w, h, ow, oh)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def segmented_blobs(folder: Path) -> tuple[Path, Path]:
+    """:func:`blob_slide` (0.5 um/px, 50 nuclei) segmented by :func:`dark_model` at 0.25 um/px from clicks at the
+    nuclei (classes Tumor/Stroma from the clicks); returns (slide, segment output folder)."""
+    from nuclick_wsi.pipeline import Models, SegmentOptions, segment
+
+    slide, _, polys = blob_slide(folder, n=50)
+    clicks = folder / "clicks.csv"
+    clicks.write_text("x,y,class\n" + "".join(f"{p.centroid.x:.2f},{p.centroid.y:.2f},{'Tumor' if k % 3 else 'Stroma'}\n"
+                                             for k, p in enumerate(polys)))
+    out = folder / "out"
+    segment(slide, clicks, out, options=SegmentOptions(progress=False, device="cpu"),
+            models=Models(nuclei=dark_model(mpp=0.25)))
+    return slide, out
+
+
+def roi_file(path: Path, *geoms) -> Path:
+    """A QuPath GeoJSON of area annotations (shapely polygons)."""
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [list(g.exterior.coords)]},
+              "properties": {"objectType": "annotation"}} for g in geoms]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from nuclick_wsi.cli.common import device_option, fail_cleanly
+from nuclick_wsi.cli.common import check_mpp, device_option, fail_cleanly
+from nuclick_wsi.errors import NuclickError
 
 
 @click.command()
-@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data", nargs=-1, required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write (best on validation); OUTPUT.last.pt holds the resumable state.")
 @click.option("--task", type=click.Choice(["nuclei", "gland"]), default="nuclei", show_default=True)
@@ -39,26 +40,45 @@ from nuclick_wsi.cli.common import device_option, fail_cleanly
 @click.option("--no-binary-masks", is_flag=True, help="Ignore binary-mask-only images.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Time budget: the learning-rate schedule anneals to end on time.")
+@click.option("--slide", "slides", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Learning from corrections: a whole slide, read by region (repeat; one --annotations each).")
+@click.option("--annotations", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="QuPath GeoJSON of the outlines you fixed on the --slide of the same position.")
+@click.option("--roi", "rois", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Areas (polygons) to learn in, one per --slide in order (default: around the outlines).")
+@click.option("--slide-mpp", type=float, default=None, callback=check_mpp,
+              help="Level-0 um/px of the --slide files; overrides the files' value.")
 @device_option()
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 @fail_cleanly
 def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, patch_size, lr, mpp, val_tiles,
-          exclude, no_binary_masks, max_minutes, device, seed, quiet, loss=None, precision="auto", init=None) -> None:
+          exclude, no_binary_masks, max_minutes, device, seed, quiet, loss=None, precision="auto", init=None,
+          slides=(), annotations=(), rois=(), slide_mpp=None) -> None:
     """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines).
 
     --task gland: instance label images, one id per gland (GlaS: NAME.bmp + NAME_anno.bmp); squiggles
     are sampled from each gland (README: Glands).
+
+    Learning from corrections: --slide S.svs --annotations fixed.geojson [--roi areas.geojson] --init default
+    (README: Learning from corrections); DATA folders may be added.
     """
     from nuclick_wsi.training.train import TrainConfig, train as run_train
 
+    if not data and not slides:
+        raise NuclickError("give DATA folders or --slide/--annotations pairs to train on")
+    if len(slides) != len(annotations) or (rois and len(rois) != len(slides)):
+        raise NuclickError(f"--slide ({len(slides)}), --annotations ({len(annotations)}) and --roi ({len(rois)}) "
+                           "must pair up (one --annotations, and one --roi or none at all, per --slide)")
+    pairs = [{"slide": str(s), "annotations": str(a), "roi": str(rois[k]) if rois else None, "mpp": slide_mpp}
+             for k, (s, a) in enumerate(zip(slides, annotations))]
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
     cfg = TrainConfig(data=[str(d) for d in data], output=str(output), task=task, arch=arch,
                       widths=[int(w) for w in split(widths)], epochs=epochs, samples_per_epoch=samples_per_epoch,
                       batch_size=batch_size, patch_size=patch_size, lr=lr, mpp=mpp, device=device, seed=seed,
                       val=split(val_tiles),
                       exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks,
-                      loss=loss, precision=precision, init=init)
+                      loss=loss, precision=precision, init=init, slides=pairs)
     result = run_train(cfg, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     best = result["best_val_iou"]
     click.echo(f"best validation IoU {best:.4f}; weights in {output}" if best >= 0 else f"weights in {output}")

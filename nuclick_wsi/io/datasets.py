@@ -35,6 +35,8 @@ class Tile:
     mpp: float | None = None
     source: str = ""
     centroids: dict[int, tuple[float, float]] = field(default_factory=dict)  # id -> (x, y) px
+    #: where an unlabelled pixel is known to be background (None: everywhere); ``export-training``'s valid/
+    valid: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.centroids:
@@ -147,7 +149,38 @@ def load_tile(image: str | Path, annotation: str | Path | None = None, *, kind: 
         else:
             labels = arr.astype(np.int32)
             targets = np.unique(labels)[1:]
-    return Tile(name=image.stem, image=rgb, labels=labels, targets=np.asarray(targets, np.int64), mpp=mpp, source=str(ann))
+    valid = _read_valid_mask(image, shape)
+    if valid is not None:  # only nuclei whose centroid is in the annotated part are clicked
+        targets = ids_inside(labels, valid)
+    return Tile(name=image.stem, image=rgb, labels=labels, targets=np.asarray(targets, np.int64), mpp=mpp,
+                source=str(ann), valid=valid)
+
+
+def ids_inside(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Ids of the instances whose centroid pixel lies in ``valid`` (so each nucleus is a target once)."""
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return ids.astype(np.int64)
+    cms = np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, ids)).reshape(-1, 2)
+    ij = np.clip(np.floor(cms).astype(int), 0, np.array(labels.shape) - 1)
+    return ids[valid[ij[:, 0], ij[:, 1]]].astype(np.int64)
+
+
+def valid_mask_path(image: Path) -> Path:
+    """Where ``export-training`` puts an image's valid mask: ``images/X.png`` -> ``valid/X.png``."""
+    return image.parent.parent / "valid" / f"{image.stem}.png"
+
+
+def _read_valid_mask(image: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The valid mask (non-zero = annotated) of an image in an ``images/`` folder, or None without one."""
+    path = valid_mask_path(image)
+    if image.parent.name != "images" or not path.exists():
+        return None
+    mask = read_rgb(path)[..., 0] > 0
+    if mask.shape != shape:
+        raise NuclickError(f"{path}: valid mask is {mask.shape[1]}x{mask.shape[0]}, image {image} is {shape[1]}x{shape[0]}")
+    return mask
 
 
 def _read_label_image(path: Path) -> np.ndarray:
@@ -168,7 +201,8 @@ def _read_label_image(path: Path) -> np.ndarray:
 def find_pairs(folder: str | Path) -> list[tuple[Path, Path, str]]:
     """Pair images with their annotations in a dataset folder.
 
-    Recognised layouts: MoNuSeg (``images/X.tif`` + ``annotations/X.xml`` or ``binary_masks/X.png``;
+    Recognised layouts: ``export-training`` (``images/X.png`` + ``labels/X.tif`` instance labels, and
+    ``valid/X.png`` read by :func:`load_tile`), MoNuSeg (``images/X.tif`` + ``annotations/X.xml`` or ``binary_masks/X.png``;
     outlines preferred), a flat folder of ``X.<img>`` + ``X.xml``/``X.geojson``/``X_labels.<ext>``/``X.npy``,
     and GlaS (``X.bmp`` + ``X_anno.bmp``). Returns (image, annotation, kind) triples.
     """
@@ -181,6 +215,7 @@ def find_pairs(folder: str | Path) -> list[tuple[Path, Path, str]]:
         if img.suffix.lower() not in IMAGE_SUFFIXES or img.stem.endswith(("_anno", "_labels", "_mask")):
             continue
         cands = [
+            (folder / "labels" / f"{img.stem}.tif", "instances"),
             (folder / "annotations" / f"{img.stem}.xml", "instances"),
             (img_dir / f"{img.stem}.xml", "instances"),
             (img_dir / f"{img.stem}.geojson", "instances"),

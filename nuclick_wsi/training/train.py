@@ -53,6 +53,9 @@ class TrainConfig:
     #: warm start: "default" (the embedded model) or a checkpoint path; its architecture, widths and
     #: post-processing are kept
     init: str | None = None
+    #: slides with corrected outlines, read by region: dicts with ``slide``, ``annotations`` and optional ``roi``
+    #: (areas) and ``mpp`` (level-0 um/px when the file lacks it); see training/regions.py
+    slides: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.task not in PATCH_DEFAULTS:
@@ -140,7 +143,8 @@ def _split_tiles(cfg: TrainConfig, log) -> tuple[list[Tile], list[Tile], list[Ti
     ``--val none`` trains on every tile and validates on none (the shipped model's final run, whose
     recipe and threshold were chosen on held-out tiles before).
     """
-    tiles = load_tiles(cfg.data, exclude=cfg.exclude, use_binary=cfg.use_binary_masks, log=log)
+    tiles = load_tiles(cfg.data, exclude=cfg.exclude, use_binary=cfg.use_binary_masks, log=log) if cfg.data else []
+    tiles += _slide_tiles(cfg, log)
     if cfg.val == [NO_VALIDATION]:
         return tiles, tiles, []
     val_tiles = [t for t in tiles if t.name in cfg.val]
@@ -153,6 +157,17 @@ def _split_tiles(cfg: TrainConfig, log) -> tuple[list[Tile], list[Tile], list[Ti
         val_tiles = [(outlined or train_tiles)[-1]]
         train_tiles = [t for t in train_tiles if t is not val_tiles[0]]
     return tiles, train_tiles, val_tiles
+
+
+def _slide_tiles(cfg: TrainConfig, log) -> list[Tile]:
+    """Tiles of ``cfg.slides`` (whole slides + corrected outlines), read by region at the model's um/px."""
+    from nuclick_wsi.training.regions import slide_tiles
+
+    if cfg.task != "nuclei" and cfg.slides:
+        raise NuclickError("--slide/--annotations train the nucleus model (--task nuclei) only")
+    return [t for item in cfg.slides
+            for t in slide_tiles(item["slide"], item["annotations"], mpp=cfg.mpp, patch=cfg.patch_size,
+                                 roi=item.get("roi"), slide_mpp=item.get("mpp"), log=log)]
 
 
 def _samplers(cfg: TrainConfig, train_tiles: list[Tile], val_tiles: list[Tile]):
