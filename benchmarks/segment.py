@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--precision", default="auto", help="auto (measured), fp32 or bf16; the report says what ran.")
+    ap.add_argument("--runtime", default="auto", help="auto (measured), torch or openvino; the report says what ran.")
     ap.add_argument("--workdir", default=None, help="Keep the generated slide here (reused when present).")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="nuclick-bench-"))
@@ -103,9 +105,10 @@ def main() -> None:
         np.savetxt(clicks, pts, delimiter=",", fmt="%.2f")
         print(f"generated {slide.name} ({slide.stat().st_size / 1e6:.1f} MB) in {time.time() - t:.1f} s", file=sys.stderr)
     out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a rerun of the last one
     cmd = [sys.executable, "-m", "nuclick_wsi.cli", "segment", str(slide), "--points", str(clicks), "-o", str(out),
            "--quiet", "--device", args.device, "--batch-size", str(args.batch_size), "--no-qc",
-           "--precision", args.precision]
+           "--precision", args.precision, "--runtime", args.runtime]
     if args.weights:
         cmd += ["--weights", args.weights]
     t = time.time()
@@ -118,7 +121,7 @@ def main() -> None:
     other = tm["read"] + tm["post"] + tm["write"]
     print(json.dumps({
         "slide": f"{args.width} x {args.height}", "clicks": args.clicks, "segmented": n, "device": rep["device"],
-        "precision": rep.get("precision"), "model": rep["model"]["arch"], "cpu": _cpu(),
+        "precision": rep.get("precision"), "runtime": rep.get("runtime"), "model": rep["model"]["arch"], "cpu": _cpu(),
         "nuclei_per_s_pipeline": tm["nuclei_per_s"], "nuclei_per_s_process": round(n / wall, 1),
         "process_wall_s": round(wall, 2), "pipeline_wall_s": tm["wall"], "peak_rss_gib": round(rss_gib, 3),
         "busy_s": {k: tm[k] for k in ("read", "infer", "post", "write")},
