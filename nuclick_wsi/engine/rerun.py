@@ -1,0 +1,144 @@
+"""Incremental reruns: which earlier run a ``segment`` may build on, and what it may take from it.
+
+A run writes, inside its nucleus label store, its id table and every click's piece (what the
+network and post-processing made of the click's patch, before stitching; :mod:`nuclick_wsi.store.rerun`),
+with a fingerprint of everything a piece depends on besides the click's own patch: the slide file,
+reader and frame, the slide's um/px, the model (a hash of its weights, architecture, patch size,
+um/px and thresholds), the device, precision, torch version, CPU kernels, threads and batch size,
+and the nuclick-wsi version. A rerun into the same folder then
+
+* keeps the id table whenever the earlier run is complete and its state intact (:class:`~nuclick_wsi.engine.identity.IdTable`);
+* reuses a click's piece only when the fingerprint is the same and the click's signature (its
+  exact position and the clicks in its exclusion map, :func:`~nuclick_wsi.engine.clicks.signature`)
+  is one the earlier run computed; every other click is recomputed;
+* stitches every piece, reused or new, in the order a from-scratch run uses, so its outputs are
+  the bytes a from-scratch run with the same id table writes.
+
+``--full`` (``SegmentOptions.full``) starts a fresh id table and recomputes everything.
+Glands (squiggles) are always recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nuclick_wsi import __version__
+from nuclick_wsi.engine.identity import IdTable
+from nuclick_wsi.store.labels import is_complete
+from nuclick_wsi.store.rerun import PackedPiece, RerunState, read_state
+
+log = logging.getLogger("nuclick_wsi")
+
+#: readable names of the fingerprint's parts, for the reason a rerun is full
+WHAT = {"nuclick_wsi": "nuclick-wsi version", "slide": "slide file", "mpp": "slide um/px",
+        "model.weights_sha256": "model weights", "model.mpp": "model um/px", "model.postprocess": "thresholds",
+        "model": "model", "compute": "device, precision or CPU kernels", "batch_size": "batch size"}
+
+
+def weights_sha256(net: torch.nn.Module) -> str:
+    """SHA-256 over the network's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(slide, slide_path, mpp: float, model, predictor, batch_size: int) -> dict[str, Any]:
+    """Everything besides a click's own patch that a piece depends on (JSON types only)."""
+    try:
+        st = os.stat(slide_path)
+        file = {"path": os.path.realpath(slide_path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError:  # a slide that is no file (a URL a reader opens): never the same twice
+        file = {"path": str(slide_path), "unknown": os.urandom(8).hex()}
+    fp = {
+        "nuclick_wsi": __version__,
+        "slide": {**file, "reader": slide.reader, "width": slide.width, "height": slide.height,
+                  "bounds_offset": list(slide.bounds_offset)},
+        "mpp": float(mpp),
+        "model": {"weights_sha256": weights_sha256(model.net), "arch": model.arch, "arch_args": model.arch_args,
+                  "patch_size": model.patch_size, "mpp": model.mpp, "postprocess": model.postprocess},
+        "compute": {"device": str(predictor.device), "precision": predictor.precision.name,
+                    "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads()},
+        "batch_size": int(batch_size),
+    }
+    return json.loads(json.dumps(fp, sort_keys=True))
+
+
+def fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """What differs between two fingerprints, in words (None: the same)."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    name = WHAT.get(f"{key}.{sub}", f"{WHAT.get(key, key)} ({sub})")
+                    return f"{name} changed"
+        return f"{WHAT.get(key, key)} changed"
+    return None
+
+
+@dataclass
+class Previous:
+    """The earlier run in the output folder, as far as a rerun may use it."""
+
+    state: RerunState | None
+    why: str | None  #: why nothing of it is used (None: its id table is used)
+    table: IdTable = field(default_factory=IdTable)
+
+
+def read_previous(report: Path, labels: Path, *, full: bool) -> Previous:
+    """The earlier run's state, when its outputs are complete and the state is the one its report names."""
+    if full:
+        return Previous(None, "--full")
+    if not report.exists():
+        return Previous(None, "no earlier run in the output folder")
+    try:
+        sha = json.loads(report.read_text(encoding="utf-8"))["rerun"]["state_sha256"]
+        if not is_complete(labels):
+            raise ValueError(f"{labels} is incomplete")
+        state = read_state(labels, str(sha))
+        return Previous(state, None, IdTable.from_json(state.ids))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = str(exc) if isinstance(exc, ValueError) else f"{report}: no rerun state ({type(exc).__name__}: {exc})"
+        return Previous(None, f"earlier outputs not reusable: {why}")
+
+
+@dataclass
+class Rerun:
+    """What this run takes from the earlier one."""
+
+    fingerprint: dict[str, Any]
+    cache: dict[str, PackedPiece]
+    why: str | None  #: why nothing is reused (None: incremental)
+
+
+def decide(previous: Previous, fp: dict[str, Any]) -> Rerun:
+    """Reuse the earlier pieces when the fingerprints agree; log one line saying which it is."""
+    why = previous.why
+    if previous.state is not None:
+        why = fingerprint_change(previous.state.fingerprint, fp)
+    if why is None:
+        log.info("incremental rerun: reusing the earlier run's pieces where clicks and neighbours are unchanged")
+        return Rerun(fp, dict(previous.state.pieces), None)
+    log.info("full run: %s", why)
+    return Rerun(fp, {}, why)
+
+
+def report_section(rerun: Rerun, table: IdTable, strategy, state_sha256: str) -> dict[str, Any]:
+    """The report's ``rerun`` section: mode, why full, pieces reused and recomputed, id changes."""
+    return {"mode": "full" if rerun.why else "incremental", "why_full": rerun.why,
+            "reused": strategy.reused, "recomputed": len(strategy.pieces) - strategy.reused,
+            "ids": dict(table.counts, next_id=table.next_id), "state_sha256": state_sha256}
