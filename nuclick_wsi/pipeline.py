@@ -73,6 +73,8 @@ class SegmentOptions:
     squiggle_groups: Sequence[str] = ()  #: ASAP groups / ImageScope layers whose outlines are squiggles
     qc: bool = False  #: also write S.qc.html and S.review.geojson (the CLI's default; see nuclick_wsi.qc)
     full: bool = False  #: a fresh id table and every click recomputed, whatever the folder holds (--full)
+    #: every click recomputed, the folder's id table kept: the from-scratch run an incremental one must equal
+    recompute: bool = False
 
 
 @dataclass
@@ -219,7 +221,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
         nuclei = gland = rerun = None
         if nuclei_model is not None:
             pred = models.predictor(nuclei_model, opts.device, opts.precision)
-            rerun = decide(previous, fingerprint(slide, slide_path, mpp, nuclei_model, pred, opts.batch_size))
+            rerun = decide(previous, fingerprint(slide, slide_path, mpp, nuclei_model, pred, opts.batch_size),
+                           recompute=opts.recompute)
             nuclei = (nuclei_model, click_run(slide, prompts, nuclei_model, pred, mpp, stem, opts, reasons, timer,
                                               ids=(labels, uuids), cache=rerun.cache))
         if gland_model is not None:

@@ -125,11 +125,12 @@ class Rerun:
     why: str | None  #: why nothing is reused (None: incremental)
 
 
-def decide(previous: Previous, fp: dict[str, Any]) -> Rerun:
-    """Reuse the earlier pieces when the fingerprints agree; log one line saying which it is."""
+def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -> Rerun:
+    """Reuse the earlier pieces when the fingerprints agree (and not ``recompute``); log one line
+    saying which it is."""
     why = previous.why
     if previous.state is not None:
-        why = fingerprint_change(previous.state.fingerprint, fp)
+        why = "recompute asked for" if recompute else fingerprint_change(previous.state.fingerprint, fp)
     if why is None:
         log.info("incremental rerun: reusing the earlier run's pieces where clicks and neighbours are unchanged")
         return Rerun(fp, dict(previous.state.pieces), None)

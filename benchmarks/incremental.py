@@ -1,0 +1,139 @@
+"""Benchmark an incremental rerun of `nuclick-wsi segment` against a from-scratch run.
+
+On a generated slide with 5,000 clicks (benchmarks/segment.py's slide: dark nuclei in clusters):
+
+1. from scratch: ``segment`` into OUT (CLI process, timed);
+2. edit the clicks: add 50, move 25 (by 2-5 px), delete 25, and shuffle the file;
+3. rerun ``segment`` into OUT (incremental; CLI process, timed);
+4. the reference: a copy of step 1's OUT, rerun with every click recomputed (``SegmentOptions.recompute``:
+   the from-scratch run with the same id table), and every output compared byte for byte with step 3's
+   (the report without its timings, rerun section and output paths).
+
+Prints both times, the ratio, how many pieces were reused/recomputed and whether the bytes agree::
+
+    python benchmarks/incremental.py                            # 20000 x 15000, 5000 clicks 22 px apart
+    python benchmarks/incremental.py --edits local              # the edits in one field of view
+    python benchmarks/incremental.py --spacing 60               # sparser nuclei
+
+Each edited click forces a recompute of every click whose patch (128 model px) holds it, so the share
+recomputed grows with the clicks' density and with how spread out the edits are (``--edits``:
+``spread``, at random over the slide, or ``local``, among the 250 clicks nearest one click).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from segment import _cpu, make_slide  # noqa: E402 - the benchmark slide of benchmarks/segment.py
+
+REFERENCE = """
+import sys
+from nuclick_wsi.pipeline import SegmentOptions, segment
+slide, points, out, precision, bs = sys.argv[1:6]
+segment(slide, points, out, options=SegmentOptions(progress=False, device="cpu", precision=precision,
+        batch_size=int(bs), recompute=True, formats=("qupath", "asap", "geoparquet")))
+"""
+
+
+def edit(pts: np.ndarray, rng: np.random.Generator, mode: str, spacing: float, add=50, move=25, delete=25):
+    """The edited clicks (shuffled) and how many of each edit."""
+    n = len(pts)
+    if mode == "local":
+        centre = pts[rng.integers(n)]
+        pool = np.argsort(np.hypot(*(pts - centre).T))[:250]
+    else:
+        pool = np.arange(n)
+    chosen = rng.choice(pool, move + delete + add, replace=False)
+    moved, deleted, beside = chosen[:move], chosen[move:move + delete], chosen[move + delete:]
+    out = pts.copy()
+    angle = rng.uniform(0, 2 * np.pi, move)
+    out[moved] += np.stack([np.cos(angle), np.sin(angle)], 1) * rng.uniform(2, 5, (move, 1))
+    added = pts[beside] + spacing / 2  # between nuclei: a click the first pass missed
+    out = np.concatenate([np.delete(out, deleted, axis=0), added])
+    return out[rng.permutation(len(out))]
+
+
+def cli(slide: Path, points: Path, out: Path, args) -> float:
+    cmd = [sys.executable, "-m", "nuclick_wsi.cli", "segment", str(slide), "--points", str(points), "-o", str(out),
+           "--quiet", "--device", "cpu", "--batch-size", str(args.batch_size), "--no-qc", "--precision", args.precision,
+           "--format", "qupath,asap,geoparquet"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
+
+
+def digests(out: Path) -> dict[str, str]:
+    """sha256 per output file; the report's without timings, rerun section, device and output paths."""
+    hashes = {}
+    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+        data = p.read_bytes()
+        if p.name.endswith(".report.json"):
+            rep = json.loads(data)
+            for key in ("timings_s", "rerun", "outputs", "device"):
+                rep.pop(key, None)
+            data = json.dumps(rep, sort_keys=True).encode()
+        hashes[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=20000)
+    ap.add_argument("--height", type=int, default=15000)
+    ap.add_argument("--clicks", type=int, default=5000)
+    ap.add_argument("--spacing", type=float, default=22.0, help="px between neighbouring nuclei in a cluster")
+    ap.add_argument("--edits", choices=["spread", "local"], default="spread")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--precision", default="fp32", help="fp32 (default: one precision for every run) or bf16")
+    ap.add_argument("--workdir", default=None, help="Keep the generated slide here (reused when present).")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="nuclick-incr-"))
+    work.mkdir(parents=True, exist_ok=True)
+    slide = work / f"incr-{args.width}x{args.height}-{args.clicks}-{args.spacing:g}.tif"
+    first = slide.with_suffix(".csv")
+    if not (slide.exists() and first.exists()):
+        np.savetxt(first, make_slide(slide, args.width, args.height, args.clicks, spacing=args.spacing),
+                   delimiter=",", fmt="%.2f")
+    second = work / f"edited-{args.edits}-{args.seed}.csv"
+    pts = np.loadtxt(first, delimiter=",")
+    np.savetxt(second, edit(pts, np.random.default_rng(args.seed), args.edits, args.spacing), delimiter=",", fmt="%.2f")
+    out, ref = work / "out", work / "reference"
+    for d in (out, ref):
+        shutil.rmtree(d, ignore_errors=True)
+    t_full = cli(slide, first, out, args)
+    shutil.copytree(out, ref)
+    t_incr = cli(slide, second, out, args)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", REFERENCE, str(slide), str(second), str(ref), args.precision,
+                    str(args.batch_size)], check=True)
+    t_ref = time.perf_counter() - t
+    a, b = digests(out), digests(ref)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    rep = json.loads((out / f"{slide.stem}.report.json").read_text())
+    print(json.dumps({
+        "slide": f"{args.width} x {args.height}", "clicks": args.clicks, "spacing_px": args.spacing,
+        "edits": args.edits, "precision": args.precision, "cpu": _cpu(),
+        "from_scratch_s": round(t_full, 2), "incremental_s": round(t_incr, 2),
+        "ratio": round(t_incr / t_full, 4), "reference_same_ids_s": round(t_ref, 2),
+        "rerun": {k: rep["rerun"][k] for k in ("mode", "why_full", "reused", "recomputed", "ids")},
+        "incremental_timings_s": rep["timings_s"],
+        "files_compared": len(a), "identical_bytes": not differ, "differ": differ[:10],
+    }, indent=1))
+    if differ:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
