@@ -292,3 +292,14 @@ def test_segment_ngff_05_writes_a_zarr_v3_label_store(case):
     r = report["clicks"][0]
     assert open_labels(store)[math.floor(r["y"]), math.floor(r["x"])] == r["instance_id"]
     assert invoke(*segment_args(slide, pts, out, "--ngff", "0.6")).exit_code == 2  # click refuses it
+
+
+def test_rerun_says_what_it_reused_and_full_starts_afresh(case):
+    slide, pts, out = case
+    assert invoke(*segment_args(slide, pts, out, "--no-qc")).exit_code == 0
+    again = invoke(*segment_args(slide, pts, out, "--no-qc"))
+    assert again.exit_code == 0, again.output
+    assert "incremental rerun: 2 reused, 0 recomputed" in again.stderr
+    full = invoke(*segment_args(slide, pts, out, "--no-qc", "--full"))
+    assert full.exit_code == 0 and "full run: --full" in full.stderr
+    assert json.loads((out / "slide.report.json").read_text())["rerun"]["why_full"] == "--full"

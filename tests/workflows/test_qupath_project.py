@@ -262,6 +262,10 @@ def test_cli_qupath_run_exit_status(two_images, tmp_path):
     bad = runner.invoke(main, ["qupath", "run", str(proj), "--weights", str(ckpt), "--force", "-q"])
     assert bad.exit_code == 1
     assert "1 segmented, 1 failed" in bad.output and f"FAILED {b.name}" in bad.output and "empty file" in bad.output
+    report = proj.parent / "nuclick" / "results" / f"{a.name}.report.json"
+    assert json.loads(report.read_text())["rerun"]["mode"] == "incremental"  # the same clicks: all reused
+    full = runner.invoke(main, ["qupath", "run", str(proj), "--weights", str(ckpt), "--force", "--full", "-q"])
+    assert full.exit_code == 1 and json.loads(report.read_text())["rerun"]["why_full"] == "--full"
 
 
 # --------------------------------------------------------------------------------------------
