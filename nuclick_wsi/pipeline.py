@@ -180,7 +180,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
 
     Clicks are nuclei (``models.nuclei``, the embedded default unless given). Squiggles (lines) are
     glands, segmented in the same run with ``models.gland`` into ``S.glands.zarr``; their ids
-    continue after the clicks' (squiggle k: the id table's next free id + k).
+    continue after the clicks' (squiggle k: the id table's next free click id + k; glands keep no ids
+    of their own across reruns, their uuids follow the squiggle's index and first point).
 
     Reruns (:mod:`nuclick_wsi.engine.rerun`): a click's id and uuid follow the click across reruns
     into the same folder (the id table in ``S.labels.zarr``); when the folder holds a complete run
@@ -228,7 +229,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
         if gland_model is not None:
             pred = models.predictor(gland_model, opts.device, opts.precision)
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
-                                               first_label=table.reserve(len(prompts.squiggles)), timer=timer))
+                                               first_label=table.next_id, timer=timer))
         report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,
                                 dict(slide_path=slide_path, points_path=points_path, t_start=t_start,
                                      rerun=rerun, table=table))

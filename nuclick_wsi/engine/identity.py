@@ -64,12 +64,6 @@ class IdTable:
                   "removed": sum(k not in out for k in self.ids)}
         return labels, uuids, IdTable(out, nxt, counts)
 
-    def reserve(self, n: int) -> int:
-        """Take ``n`` ids after the clicks' (the squiggles'); return the first."""
-        first = self.next_id
-        self.next_id += int(n)
-        return first
-
     def to_json(self) -> dict[str, Any]:
         rows = sorted(([*k, lab, uid] for k, (lab, uid) in self.ids.items()), key=lambda r: r[4])
         return {"next_id": self.next_id, "columns": ["x", "y", "class", "occurrence", "label", "uuid"], "rows": rows}

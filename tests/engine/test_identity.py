@@ -60,13 +60,6 @@ def test_duplicate_clicks_at_one_key_are_told_apart_by_occurrence():
     assert labels == [2, 1, 3]
 
 
-def test_squiggles_take_ids_after_the_clicks():
-    _, _, table = IdTable().assign(A, "s")
-    assert table.reserve(3) == 5
-    assert table.next_id == 8
-    assert table.assign(clicks((1.0, 1.0, None)), "s")[0] == [8]
-
-
 def test_table_round_trips_and_rejects_malformed_json():
     _, _, table = IdTable().assign(A, "s")
     back = IdTable.from_json(table.to_json())
