@@ -94,12 +94,14 @@ def post_params(model: LoadedModel) -> PostParams:
 
 def click_run(slide: SlideSource, prompts: Prompts, model: LoadedModel, predictor: Predictor, mpp: float,
               stem: str, opts: SegmentOptions, reasons: list[str | None], timer: Timer | None = None, *,
-              ids: tuple[list[int], list[str]] | None = None, cache: dict | None = None) -> PromptRun:
-    """``ids``: label ids and uuids per click (default: index + 1); ``cache``: an earlier run's pieces."""
+              ids: tuple[list[int], list[str]] | None = None, cache: dict | None = None,
+              outlines: dict[str, bytes] | None = None) -> PromptRun:
+    """``ids``: label ids and uuids per click (default: index + 1); ``cache``, ``outlines``: an earlier
+    run's pieces and traced outlines."""
     labels, uuids = ids or (None, None)
     strategy = ClickStrategy(slide, prompts, model.mpp, model.patch_size, mpp, batch_size=opts.batch_size,
                              duplicate_px=opts.duplicate_px, labels=labels, uuids=uuids, cache=cache, stem=stem)
-    return PromptRun(strategy, predictor, post_params(model), mpp, timer=timer,
+    return PromptRun(strategy, predictor, post_params(model), mpp, timer=timer, outlines=outlines,
                      reasons={k: r for k, r in enumerate(reasons) if r is not None})
 
 
@@ -225,7 +227,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             rerun = decide(previous, fingerprint(slide, slide_path, mpp, nuclei_model, pred, opts.batch_size),
                            recompute=opts.recompute)
             nuclei = (nuclei_model, click_run(slide, prompts, nuclei_model, pred, mpp, stem, opts, reasons, timer,
-                                              ids=(labels, uuids), cache=rerun.cache))
+                                              ids=(labels, uuids), cache=rerun.cache, outlines=rerun.outlines))
         if gland_model is not None:
             pred = models.predictor(gland_model, opts.device, opts.precision)
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
@@ -267,7 +269,8 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
         if nuclei is not None:
             nuclei[1].into_store(store("labels", "nuclei"), progress=opts.progress, desc=stem, unit="nuclei")
             t = time.perf_counter()
-            state = RerunState(where["rerun"].fingerprint, where["table"].to_json(), nuclei[1].strategy.pieces)
+            state = RerunState(where["rerun"].fingerprint, where["table"].to_json(), nuclei[1].strategy.pieces,
+                               nuclei[1].outlines)
             state_sha = write_state(temps["labels"], state)
             timer.add("write", time.perf_counter() - t)
         else:  # squiggles only: an empty nucleus label store

@@ -98,7 +98,10 @@ class ClickStrategy:
             t = time.perf_counter()
             box = None if self.scale == 1 else (region.x0, region.y0, region.width, region.height)
             sigs = [signature(xs[k], ys[k], excl.neighbours(int(k), p), box) for k in region.clicks]
-            img = None
+            todo = [k for k, sig in zip(region.clicks, sigs) if sig not in self.cache]
+            read, img = region, None
+            if box is None and 0 < len(todo) < len(region.clicks):  # native pixels: read only the patches to compute
+                read = plan_regions(xs[todo], ys[todo], self.scale, p, tile=TILE)[0]
             for k, sig in zip(region.clicks, sigs):
                 gx, gy = math.floor(xs[k] / self.scale), math.floor(ys[k] / self.scale)
                 item = (int(ids[k]), region.row, (gx - half) * self.scale, (gy - half) * self.scale)
@@ -106,9 +109,9 @@ class ClickStrategy:
                     meta.append((*item, None, sig))
                     continue
                 if img is None:  # a region whose clicks are all reused is not read
-                    img = self.slide.read_region(region.x0, region.y0, region.width * self.scale,
-                                                 region.height * self.scale, region.width, region.height)
-                c0, r0 = patch_origin(xs[k], ys[k], region, self.scale, p)
+                    img = self.slide.read_region(read.x0, read.y0, read.width * self.scale, read.height * self.scale,
+                                                 read.width, read.height)
+                c0, r0 = patch_origin(xs[k], ys[k], read, self.scale, p)
                 np.multiply(img[r0:r0 + p, c0:c0 + p].transpose(2, 0, 1), np.float32(1 / 255), out=buf[n, :3])
                 buf[n, 3], buf[n, 4] = excl.maps(int(k), p)
                 meta.append((*item, n, sig))

@@ -123,6 +123,7 @@ class Rerun:
     fingerprint: dict[str, Any]
     cache: dict[str, PackedPiece]
     why: str | None  #: why nothing is reused (None: incremental)
+    outlines: dict[str, bytes] = field(default_factory=dict)  #: traced outlines (WKB) by outline key
 
 
 def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -> Rerun:
@@ -133,7 +134,7 @@ def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -
         why = "recompute asked for" if recompute else fingerprint_change(previous.state.fingerprint, fp)
     if why is None:
         log.info("incremental rerun: reusing the earlier run's pieces where clicks and neighbours are unchanged")
-        return Rerun(fp, dict(previous.state.pieces), None)
+        return Rerun(fp, dict(previous.state.pieces), None, previous.state.outlines)
     log.info("full run: %s", why)
     return Rerun(fp, {}, why)
 

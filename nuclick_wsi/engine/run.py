@@ -18,12 +18,14 @@ Threads and what each owns:
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+import shapely
 
 from nuclick_wsi.engine.background import Timer, background
 from nuclick_wsi.io.slides.base import SlideSource
@@ -58,6 +60,14 @@ class Strategy(Protocol):
     def record(self, index: int) -> dict[str, Any]: ...  # noqa: E704 - its report record (without outcome)
 
 
+def outline_key(mask: np.ndarray, x0: int, y0: int) -> str:
+    """A final instance mask and its place, hashed (its outline is a function of them)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.array([x0, y0, *mask.shape], np.int64).tobytes())
+    h.update(np.packbits(mask, axis=None).tobytes())
+    return h.hexdigest()
+
+
 class ArrayLabels:
     """An in-memory stand-in for a label store (``write_chunk`` only), for tiles and evaluation."""
 
@@ -84,7 +94,8 @@ class PromptRun:
     """
 
     def __init__(self, strategy: Strategy, predictor: Predictor, params: PostParams, mpp: float, *,
-                 reasons: dict[int, str] | None = None, timer: Timer | None = None) -> None:
+                 reasons: dict[int, str] | None = None, timer: Timer | None = None,
+                 outlines: dict[str, bytes] | None = None) -> None:
         self.strategy, self.predictor, self.mpp = strategy, predictor, mpp
         self.model_params = params
         self.params = params.scaled(strategy.scale ** 2)
@@ -92,6 +103,9 @@ class PromptRun:
         self.instances: list[Instance] = []
         self.table: list[dict[str, Any]] = []
         self.reasons: dict[int, str] = dict(reasons or {})
+        #: traced outlines (WKB) by :func:`outline_key`: an earlier run's, to skip tracing the same mask again
+        self.known_outlines = outlines or {}
+        self.outlines: dict[str, bytes] = {}  #: this run's, for the next
 
     @property
     def n_pending(self) -> int:
@@ -185,7 +199,10 @@ class PromptRun:
         score = float(piece.prob[piece.mask].astype(np.float32).mean())
         rr, cc = np.nonzero(piece.mask)
         cxm, cym = piece.x0 + cc.mean() + 0.5, piece.y0 + rr.mean() + 0.5
-        geom = trace_mask(piece.mask, piece.x0, piece.y0)
+        key = outline_key(piece.mask, piece.x0, piece.y0)
+        wkb = self.known_outlines.get(key)
+        geom = trace_mask(piece.mask, piece.x0, piece.y0) if wkb is None else shapely.from_wkb(wkb)
+        self.outlines[key] = shapely.to_wkb(geom) if wkb is None else wkb
         area_um2 = area * self.mpp ** 2
         uid = self.strategy.uuid_of(idx)
         self.instances.append(Instance(label=piece.label, uuid=uid, geometry=geom, class_name=prompt.class_name,

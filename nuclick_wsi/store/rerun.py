@@ -6,6 +6,7 @@
       state.json   format, fingerprint of the run (slide, model, um/px, options), the id table, and per
                    piece its signature, place, size, confidence and where its bytes lie in pieces.bin
       pieces.bin   each piece's mask and seed (packed bits) and probabilities (float16), zlib-compressed
+      outlines.bin the traced outlines (WKB, zlib) of the final instance masks, by a hash of mask and place
 
 A piece is what the network and post-processing made of one click before stitching (a function of
 the click's patch alone), so a rerun stitches it again instead of recomputing it. The report of the
@@ -20,7 +21,7 @@ import hashlib
 import json
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class RerunState:
     fingerprint: dict[str, Any]
     ids: dict[str, Any]
     pieces: dict[str, PackedPiece]
+    outlines: dict[str, bytes] = field(default_factory=dict)  #: WKB by outline key
 
 
 def sha256(data: bytes) -> str:
@@ -92,9 +94,14 @@ def write_state(store: str | os.PathLike, state: RerunState) -> str:
         offset += len(p.payload)
     blob = bytes(blob)
     (folder / "pieces.bin").write_bytes(blob)
+    keys = sorted(state.outlines)
+    lines = bytes(zlib.compress(b"".join(state.outlines[k] for k in keys), 6))
+    (folder / "outlines.bin").write_bytes(lines)
     doc = {"format": FORMAT, "fingerprint": state.fingerprint, "ids": state.ids,
            "pieces": {"columns": ["signature", "x0", "y0", "h", "w", "confidence", "offset", "bytes"], "rows": rows},
-           "blob": {"bytes": len(blob), "sha256": sha256(blob)}}
+           "blob": {"bytes": len(blob), "sha256": sha256(blob)},
+           "outlines": {"keys": keys, "sizes": [len(state.outlines[k]) for k in keys], "bytes": len(lines),
+                        "sha256": sha256(lines)}}
     text = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
     (folder / "state.json").write_bytes(text)
     return sha256(text)
@@ -112,6 +119,7 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
     try:
         text = (folder / "state.json").read_bytes()
         blob = (folder / "pieces.bin").read_bytes()
+        lines = (folder / "outlines.bin").read_bytes()
     except OSError as exc:
         raise ValueError(f"no readable rerun state in {store} ({exc.strerror or exc})") from None
     if sha256(text) != expected_sha256:
@@ -131,6 +139,17 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
             if off < 0 or off + n > len(blob):
                 raise ValueError(f"piece {sig} lies outside pieces.bin")
             pieces[str(sig)] = PackedPiece(int(x0), int(y0), int(h), int(w), float(conf), blob[off:off + n])
-        return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces)
+        return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, _outlines(doc["outlines"], lines))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{folder / 'state.json'}: malformed ({exc})") from None
+
+
+def _outlines(index: dict[str, Any], data: bytes) -> dict[str, bytes]:
+    if index["bytes"] != len(data) or index["sha256"] != sha256(data):
+        raise ValueError("outlines.bin does not match state.json")
+    raw = zlib.decompress(data)
+    ends = np.cumsum(index["sizes"], dtype=np.int64)
+    if len(index["keys"]) != len(ends) or (len(ends) and ends[-1] != len(raw)):
+        raise ValueError("outlines.bin holds other outlines than state.json lists")
+    starts = ends - np.asarray(index["sizes"], np.int64)
+    return {str(k): raw[a:b] for k, a, b in zip(index["keys"], starts.tolist(), ends.tolist())}

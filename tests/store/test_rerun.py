@@ -32,7 +32,8 @@ def test_a_piece_round_trips_bit_for_bit():
 def state():
     pieces = {f"{k:032x}": PackedPiece.pack(k, 2 * k, *some_piece(k), 0.5 + k / 10) for k in range(4)}
     pieces["f" * 32] = PackedPiece(reason="nothing segmented: below threshold")
-    return RerunState({"mpp": 0.25, "model": {"weights_sha256": "ab"}}, {"next_id": 6, "rows": []}, pieces)
+    outlines = {"9" * 32: b"\x01\x03polygon", "1" * 32: b"", "5" * 32: bytes(range(256))}
+    return RerunState({"mpp": 0.25, "model": {"weights_sha256": "ab"}}, {"next_id": 6, "rows": []}, pieces, outlines)
 
 
 def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
@@ -45,10 +46,11 @@ def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
     back = read_state(tmp_path / "a", sha)
     want = state()
     assert back.fingerprint == want.fingerprint and back.ids == want.ids
-    assert back.pieces == want.pieces
+    assert back.pieces == want.pieces and back.outlines == want.outlines
 
 
 @pytest.mark.parametrize("damage", ["flip a byte of pieces.bin", "truncate pieces.bin", "edit state.json",
+                                    "flip a byte of outlines.bin",
                                     "remove state.json", "another run's report"])
 def test_altered_or_missing_state_is_refused(tmp_path, damage):
     sha = write_state(tmp_path, state())
@@ -57,6 +59,10 @@ def test_altered_or_missing_state_is_refused(tmp_path, damage):
         data = bytearray((folder / "pieces.bin").read_bytes())
         data[len(data) // 2] ^= 1
         (folder / "pieces.bin").write_bytes(bytes(data))
+    elif damage == "flip a byte of outlines.bin":
+        data = bytearray((folder / "outlines.bin").read_bytes())
+        data[-3] ^= 1
+        (folder / "outlines.bin").write_bytes(bytes(data))
     elif damage == "truncate pieces.bin":
         (folder / "pieces.bin").write_bytes((folder / "pieces.bin").read_bytes()[:-5])
     elif damage == "edit state.json":
