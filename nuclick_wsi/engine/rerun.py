@@ -55,11 +55,11 @@ def weights_sha256(net: torch.nn.Module) -> str:
 
 def fingerprint(slide, slide_path, mpp: float, model, predictor, batch_size: int) -> dict[str, Any]:
     """Everything besides a click's own patch that a piece depends on (JSON types only)."""
-    try:
+    try:  # size and time, not the path: a moved project keeps its reruns
         st = os.stat(slide_path)
-        file = {"path": os.path.realpath(slide_path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        file = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     except OSError:  # a slide that is no file (a URL a reader opens): never the same twice
-        file = {"path": str(slide_path), "unknown": os.urandom(8).hex()}
+        file = {"unknown": os.urandom(8).hex()}
     fp = {
         "nuclick_wsi": __version__,
         "slide": {**file, "reader": slide.reader, "width": slide.width, "height": slide.height,
