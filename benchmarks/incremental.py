@@ -4,16 +4,17 @@ On a generated slide with 5,000 clicks (benchmarks/segment.py's slide: dark nucl
 
 1. from scratch: ``segment`` into OUT (CLI process, timed);
 2. edit the clicks: add 50, move 25 (by 2-5 px), delete 25, and shuffle the file;
-3. rerun ``segment`` into OUT (incremental; CLI process, timed);
-4. the reference: a copy of step 1's OUT, rerun with every click recomputed (``SegmentOptions.recompute``:
+3. rerun ``segment`` into a copy of OUT (incremental; CLI process, timed);
+4. the reference: another copy of OUT, rerun with every click recomputed (``SegmentOptions.recompute``:
    the from-scratch run with the same id table), and every output compared byte for byte with step 3's
    (the report without its timings, rerun section and output paths).
 
+Steps 2-4 run once per kind of edit (``--edits``).
+
 Prints both times, the ratio, how many pieces were reused/recomputed and whether the bytes agree::
 
-    python benchmarks/incremental.py                            # 20000 x 15000, 5000 clicks 22 px apart
-    python benchmarks/incremental.py --edits local              # the edits in one field of view
-    python benchmarks/incremental.py --spacing 60               # sparser nuclei
+    python benchmarks/incremental.py                  # 20000 x 15000, 5000 clicks 22 px apart, both kinds of edit
+    python benchmarks/incremental.py --spacing 60 --width 30000 --height 20000   # sparser nuclei
 
 Each edited click forces a recompute of every click whose patch (128 model px) holds it, so the share
 recomputed grows with the clicks' density and with how spread out the edits are (``--edits``:
@@ -87,13 +88,33 @@ def digests(out: Path) -> dict[str, str]:
     return hashes
 
 
+def one_edit(slide: Path, first_out: Path, second: Path, work: Path, args) -> dict:
+    """Rerun a copy of the from-scratch outputs on the edited clicks; the reference; compare."""
+    out, ref = work / f"out-{second.stem}", work / f"reference-{second.stem}"
+    for d in (out, ref):
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(first_out, d)
+    t_incr = cli(slide, second, out, args)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", REFERENCE, str(slide), str(second), str(ref), args.precision,
+                    str(args.batch_size), args.formats], check=True)
+    t_ref = time.perf_counter() - t
+    a, b = digests(out), digests(ref)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    rep = json.loads((out / f"{slide.stem}.report.json").read_text())
+    return {"incremental_s": round(t_incr, 2), "reference_same_ids_s": round(t_ref, 2),
+            "rerun": {k: rep["rerun"][k] for k in ("mode", "why_full", "reused", "recomputed", "ids")},
+            "incremental_timings_s": rep["timings_s"], "files_compared": len(a), "identical_bytes": not differ,
+            "differ": differ[:10]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=20000)
     ap.add_argument("--height", type=int, default=15000)
     ap.add_argument("--clicks", type=int, default=5000)
     ap.add_argument("--spacing", type=float, default=22.0, help="px between neighbouring nuclei in a cluster")
-    ap.add_argument("--edits", choices=["spread", "local"], default="spread")
+    ap.add_argument("--edits", default="spread,local", help="comma-separated: spread, local (one rerun each)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="fp32", help="fp32 (default: one precision for every run) or bf16")
     ap.add_argument("--formats", default="qupath", help="segment --format (asap adds ~2 s per 1000 nuclei)")
@@ -107,32 +128,19 @@ def main() -> None:
     if not (slide.exists() and first.exists()):
         np.savetxt(first, make_slide(slide, args.width, args.height, args.clicks, spacing=args.spacing),
                    delimiter=",", fmt="%.2f")
-    second = work / f"edited-{args.edits}-{args.seed}.csv"
     pts = np.loadtxt(first, delimiter=",")
-    np.savetxt(second, edit(pts, np.random.default_rng(args.seed), args.edits, args.spacing), delimiter=",", fmt="%.2f")
-    out, ref = work / "out", work / "reference"
-    for d in (out, ref):
-        shutil.rmtree(d, ignore_errors=True)
-    t_full = cli(slide, first, out, args)
-    shutil.copytree(out, ref)
-    t_incr = cli(slide, second, out, args)
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", REFERENCE, str(slide), str(second), str(ref), args.precision,
-                    str(args.batch_size), args.formats], check=True)
-    t_ref = time.perf_counter() - t
-    a, b = digests(out), digests(ref)
-    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    rep = json.loads((out / f"{slide.stem}.report.json").read_text())
-    print(json.dumps({
-        "slide": f"{args.width} x {args.height}", "clicks": args.clicks, "spacing_px": args.spacing,
-        "edits": args.edits, "formats": args.formats, "precision": args.precision, "cpu": _cpu(),
-        "from_scratch_s": round(t_full, 2), "incremental_s": round(t_incr, 2),
-        "ratio": round(t_incr / t_full, 4), "reference_same_ids_s": round(t_ref, 2),
-        "rerun": {k: rep["rerun"][k] for k in ("mode", "why_full", "reused", "recomputed", "ids")},
-        "incremental_timings_s": rep["timings_s"],
-        "files_compared": len(a), "identical_bytes": not differ, "differ": differ[:10],
-    }, indent=1))
-    if differ:
+    first_out = work / "from-scratch"
+    shutil.rmtree(first_out, ignore_errors=True)
+    t_full = cli(slide, first, first_out, args)
+    result = {"slide": f"{args.width} x {args.height}", "clicks": args.clicks, "spacing_px": args.spacing,
+              "formats": args.formats, "precision": args.precision, "cpu": _cpu(), "from_scratch_s": round(t_full, 2)}
+    for mode in args.edits.split(","):
+        second = work / f"edited-{mode}-{args.seed}.csv"
+        np.savetxt(second, edit(pts, np.random.default_rng(args.seed), mode, args.spacing), delimiter=",", fmt="%.2f")
+        got = one_edit(slide, first_out, second, work, args)
+        result[mode] = {"ratio": round(got["incremental_s"] / t_full, 4), **got}
+        print(json.dumps(result, indent=1), flush=True)
+    if not all(result[m]["identical_bytes"] for m in args.edits.split(",")):
         sys.exit(1)
 
 
