@@ -106,13 +106,16 @@ def read_previous(report: Path, labels: Path, *, full: bool) -> Previous:
     if not report.exists():
         return Previous(None, "no earlier run in the output folder")
     try:
-        sha = json.loads(report.read_text(encoding="utf-8"))["rerun"]["state_sha256"]
+        sha = (json.loads(report.read_text(encoding="utf-8")).get("rerun") or {}).get("state_sha256")
+        if not isinstance(sha, str):
+            raise ValueError(f"{report} names no rerun state (no nucleus run, or an older nuclick-wsi)")
         if not is_complete(labels):
             raise ValueError(f"{labels} is incomplete")
-        state = read_state(labels, str(sha))
+        state = read_state(labels, sha)
         return Previous(state, None, IdTable.from_json(state.ids))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        why = str(exc) if isinstance(exc, ValueError) else f"{report}: no rerun state ({type(exc).__name__}: {exc})"
+    except (OSError, ValueError, AttributeError) as exc:
+        why = (str(exc) if isinstance(exc, ValueError) and not isinstance(exc, json.JSONDecodeError)
+               else f"{report}: unreadable ({exc})")
         return Previous(None, f"earlier outputs not reusable: {why}")
 
 

@@ -216,7 +216,8 @@ def test_a_changed_model_um_per_px_or_threshold_forces_a_full_run(case, change, 
 
 
 @pytest.mark.parametrize("damage", ["pieces.bin altered", "state.json truncated", "report missing",
-                                    "label store incomplete", "report of another run"])
+                                    "label store incomplete", "report of another run", "report of an older version",
+                                    "report truncated"])
 def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
     slide, clicks, tmp = case
     out = tmp / "out"
@@ -232,13 +233,20 @@ def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
         (out / "slide.report.json").unlink()
     elif damage == "label store incomplete":
         (out / "slide.labels.zarr" / ".zattrs").unlink()
+    elif damage == "report truncated":
+        (out / "slide.report.json").write_text((out / "slide.report.json").read_text()[:500])
     else:
         rep = json.loads((out / "slide.report.json").read_text())
-        rep["rerun"]["state_sha256"] = "0" * 64
+        if damage == "report of an older version":
+            del rep["rerun"]
+        else:
+            rep["rerun"]["state_sha256"] = "0" * 64
         (out / "slide.report.json").write_text(json.dumps(rep))
     shuffled = clicks[::-1]
     again = run(slide, write(tmp / "b.csv", shuffled), out)
     assert again.report["rerun"]["mode"] == "full" and again.report["rerun"]["reused"] == 0
+    why = again.report["rerun"]["why_full"]
+    assert why.startswith("earlier outputs not reusable: ") or why == "no earlier run in the output folder", why
     # nothing of it is trusted, the id table neither: a fresh table in the new file's order
     assert [r["instance_id"] for r in again.report["clicks"]] == list(range(1, len(clicks) + 1))
     fresh = run(slide, tmp / "b.csv", tmp / "fresh", full=True)
