@@ -254,10 +254,12 @@ def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
     assert outputs(out) == outputs(tmp / "fresh")
 
 
-def test_full_starts_a_fresh_id_table(case):
+def test_full_starts_a_fresh_id_table(case, caplog):
     slide, clicks, tmp = case
     out = tmp / "out"
     run(slide, write(tmp / "a.csv", clicks), out)
-    again = run(slide, write(tmp / "b.csv", clicks[::-1]), out, full=True)
+    with caplog.at_level("INFO", logger="nuclick_wsi"):
+        again = run(slide, write(tmp / "b.csv", clicks[::-1]), out, full=True)
+    assert [r.getMessage() for r in caplog.records] == ["full run: --full"]  # one log line says why
     assert again.report["rerun"] == {**again.report["rerun"], "mode": "full", "why_full": "--full", "reused": 0}
     assert [r["instance_id"] for r in again.report["clicks"]] == list(range(1, len(clicks) + 1))
