@@ -80,8 +80,8 @@ def ids_by_click(report) -> dict[tuple, tuple]:
 
 @pytest.fixture
 def case(tmp_path):
-    slide = write_tiff_slide(tmp_path / "slide.tif", 640, 512, 0.25)
-    clicks = grid_clicks(640, 512)
+    slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, 0.25)
+    clicks = grid_clicks(512, 384)
     return slide, clicks, tmp_path
 
 
@@ -110,13 +110,13 @@ def test_reordering_the_clicks_file_changes_nothing(case, monkeypatch):
 
 @pytest.mark.parametrize("slide_mpp", [0.25, 0.5])  # 0.5: the patches are resampled reads
 def test_inserting_a_click_keeps_every_other_id_and_uuid_and_equals_a_fresh_run(tmp_path, slide_mpp):
-    slide = write_tiff_slide(tmp_path / "slide.tif", 640, 512, slide_mpp)
-    clicks = grid_clicks(640, 512)
+    slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, slide_mpp)
+    clicks = grid_clicks(512, 384)
     out = tmp_path / "out"
     first = run(slide, write(tmp_path / "a.csv", clicks), out)
     before = tmp_path / "before"
     shutil.copytree(out, before)
-    new = (300.37, 250.12, "A")
+    new = (300.37, 190.12, "A")
     edited = clicks[:20] + [new] + clicks[20:]
     again = run(slide, write(tmp_path / "b.csv", edited), out)
     old, now = ids_by_click(first.report), ids_by_click(again.report)
