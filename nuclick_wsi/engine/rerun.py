@@ -2,17 +2,20 @@
 
 A run writes, inside its nucleus label store, its id table and every click's piece (what the
 network and post-processing made of the click's patch, before stitching; :mod:`nuclick_wsi.store.rerun`),
-with a fingerprint of everything a piece depends on besides the click's own patch: the slide file,
-reader and frame, the slide's um/px, the model (a hash of its weights, architecture, patch size,
-um/px and thresholds), the device, precision, torch version, CPU kernels, threads and batch size,
-and the nuclick-wsi version. A rerun into the same folder then
+the traced outlines of its final masks, and a fingerprint of everything a piece depends on besides
+the click's own patch: the slide file (size and modification time), reader and frame, the slide's
+um/px, the model (a hash of its weights, architecture, patch size, um/px and thresholds), the
+device, precision, torch version, CPU kernels, threads and batch size, and the nuclick-wsi version.
+A rerun into the same folder then
 
 * keeps the id table whenever the earlier run is complete and its state intact (:class:`~nuclick_wsi.engine.identity.IdTable`);
 * reuses a click's piece only when the fingerprint is the same and the click's signature (its
   exact position and the clicks in its exclusion map, :func:`~nuclick_wsi.engine.clicks.signature`)
   is one the earlier run computed; every other click is recomputed;
-* stitches every piece, reused or new, in the order a from-scratch run uses, so its outputs are
-  the bytes a from-scratch run with the same id table writes.
+* stitches every piece, reused or new, in the order a from-scratch run uses (regions row by row,
+  clicks by y, x, then id), so the overlap rule resolves every contested pixel as it would there and
+  the outputs are the bytes a from-scratch run with the same id table writes; an outline is traced
+  again only when its final mask changed.
 
 ``--full`` (``SegmentOptions.full``) starts a fresh id table and recomputes everything.
 Glands (squiggles) are always recomputed.
