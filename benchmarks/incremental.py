@@ -33,7 +33,7 @@ rerun state, report without timings)::
     120 px        spread   234 / 5017  87.0 s        14.7 s  0.17
 
 A rerun with nothing to recompute took 11.0 s (4.8 s in ``segment``, the rest starting Python and
-torch), about 12 % of the from-scratch time here: the 10 % target is met only where that floor is
+torch), 11-13 % of the from-scratch time here: the 10 % target is met only where that floor is
 smaller against the network's time (more clicks, a slower CPU), not on this machine.
 """
 
