@@ -21,20 +21,21 @@ recomputed grows with the clicks' density and with how spread out the edits are 
 ``spread``, at random over the slide, or ``local``, among the 250 clicks nearest one click).
 
 Measured 2026-11-30 (2 cores of an AMD EPYC, torch CPU capability AVX512, fp32, batch 64, QuPath
-GeoJSON only; the machine shared with two training runs, so times vary by some 20 %). Every rerun
-gave the reference's bytes (67 to 138 files: labels chunks and pyramid, instance table, GeoJSON,
-rerun state, report without timings)::
+GeoJSON only) on a machine shared with training runs and other jobs (load 3-5 on 2 cores), so the
+same run varied by up to 40 %; two measurements where there are two. Every rerun gave the
+reference's bytes (67 to 138 files: label chunks and pyramid, instance table, GeoJSON, rerun
+state, report without timings)::
 
-    nuclei apart  edits   recomputed   from scratch  rerun   ratio
-    22 px         spread  2188 / 5017  82.6 s        38.6 s  0.47
-    22 px         local    360 / 5017  82.6 s        17.5 s  0.21
-    60 px         spread   566 / 5017  83.2 s        17.7 s  0.21
-    60 px         local    270 / 5017  83.2 s        14.0 s  0.17
-    120 px        spread   234 / 5017  87.0 s        14.7 s  0.17
+    nuclei apart  edits   recomputed   from scratch  rerun         ratio
+    22 px         spread  2188 / 5017  82.6 s        38.6 s        0.47
+    22 px         local    360 / 5017  82.6, 76.9 s  17.5, 8.4 s   0.21, 0.11
+    60 px         spread   566 / 5017  83.2, 77.8 s  17.7, 11.3 s  0.21, 0.15
+    60 px         local    270 / 5017  83.2, 77.8 s  14.0, 13.7 s  0.17, 0.18
+    120 px        spread   234 / 5017  87.0 s        14.7 s        0.17
 
 A rerun with nothing to recompute took 11.0 s (4.8 s in ``segment``, the rest starting Python and
 torch), 11-13 % of the from-scratch time here: the 10 % target is met only where that floor is
-smaller against the network's time (more clicks, a slower CPU), not on this machine.
+small against the network's time (more clicks, a slower CPU, fewer edits), not on this machine.
 """
 
 from __future__ import annotations
