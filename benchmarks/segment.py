@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 
-def make_slide(path: Path, width: int, height: int, n_clicks: int, seed: int = 0, tile: int = 512) -> np.ndarray:
-    """Write the slide; return click positions (n, 2) as level-0 x, y."""
+def make_slide(path: Path, width: int, height: int, n_clicks: int, seed: int = 0, tile: int = 512,
+               spacing: float = 22.0) -> np.ndarray:
+    """Write the slide; return click positions (n, 2) as level-0 x, y (nuclei ``spacing`` px apart in clusters)."""
     import tifffile
 
     rng = np.random.default_rng(seed)
@@ -36,10 +37,10 @@ def make_slide(path: Path, width: int, height: int, n_clicks: int, seed: int = 0
     centres = rng.uniform([2000, 2000], [width - 2000, height - 2000], (n_clusters, 2))
     pts = []
     per = n_clicks // n_clusters
-    for c in centres:  # nuclei on a jittered grid, 22 px apart, around each cluster centre
+    for c in centres:  # nuclei on a jittered grid, `spacing` px apart, around each cluster centre
         side = int(np.ceil(np.sqrt(per)))
         gy, gx = np.mgrid[0:side, 0:side]
-        xy = np.stack([gx.ravel(), gy.ravel()], 1)[:per] * 22.0 + c - side * 11 + rng.normal(0, 2.5, (per, 2))
+        xy = np.stack([gx.ravel(), gy.ravel()], 1)[:per] * spacing + c - side * spacing / 2 + rng.normal(0, 2.5, (per, 2))
         pts.append(xy)
     pts = np.concatenate(pts)[:n_clicks]
     radii = rng.uniform(5, 9, (len(pts), 2))

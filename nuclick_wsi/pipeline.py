@@ -25,6 +25,7 @@ import numpy as np
 from nuclick_wsi._util.fs import cleanup_temporaries, ensure_writable_dir, remove_path, temp_path_for
 from nuclick_wsi.engine.background import Timer
 from nuclick_wsi.engine.clicks import ClickStrategy
+from nuclick_wsi.engine.rerun import decide, fingerprint, read_previous, report_section
 from nuclick_wsi.engine.run import PromptRun
 from nuclick_wsi.engine.squiggles import CONTEXT, SquiggleStrategy
 from nuclick_wsi.errors import ModelError, NuclickError
@@ -46,6 +47,7 @@ from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.qc import qc_paths, write_qc
 from nuclick_wsi.records import Instance, Prompts
 from nuclick_wsi.store.labels import LabelStore
+from nuclick_wsi.store.rerun import RerunState, write_state
 
 __all__ = ["Models", "SegmentOptions", "SegmentResult", "predict_gland_labels", "predict_labels", "segment"]
 
@@ -72,6 +74,9 @@ class SegmentOptions:
     roi: bool = False  #: skip clicks outside the file's area annotations ("outside the ROI")
     squiggle_groups: Sequence[str] = ()  #: ASAP groups / ImageScope layers whose outlines are squiggles
     qc: bool = False  #: also write S.qc.html and S.review.geojson (the CLI's default; see nuclick_wsi.qc)
+    full: bool = False  #: a fresh id table and every click recomputed, whatever the folder holds (--full)
+    #: every click recomputed, the folder's id table kept: the from-scratch run an incremental one must equal
+    recompute: bool = False
 
 
 @dataclass
@@ -90,10 +95,15 @@ def post_params(model: LoadedModel) -> PostParams:
 
 
 def click_run(slide: SlideSource, prompts: Prompts, model: LoadedModel, predictor: Predictor, mpp: float,
-              stem: str, opts: SegmentOptions, reasons: list[str | None], timer: Timer | None = None) -> PromptRun:
+              stem: str, opts: SegmentOptions, reasons: list[str | None], timer: Timer | None = None, *,
+              ids: tuple[list[int], list[str]] | None = None, cache: dict | None = None,
+              outlines: dict[str, bytes] | None = None) -> PromptRun:
+    """``ids``: label ids and uuids per click (default: index + 1); ``cache``, ``outlines``: an earlier
+    run's pieces and traced outlines."""
+    labels, uuids = ids or (None, None)
     strategy = ClickStrategy(slide, prompts, model.mpp, model.patch_size, mpp, batch_size=opts.batch_size,
-                             duplicate_px=opts.duplicate_px)
-    return PromptRun(strategy, predictor, post_params(model), stem, mpp, timer=timer,
+                             duplicate_px=opts.duplicate_px, labels=labels, uuids=uuids, cache=cache, stem=stem)
+    return PromptRun(strategy, predictor, post_params(model), mpp, timer=timer, outlines=outlines,
                      reasons={k: r for k, r in enumerate(reasons) if r is not None})
 
 
@@ -101,8 +111,8 @@ def squiggle_run(slide: SlideSource, prompts: Prompts, model: LoadedModel, predi
                  stem: str, reasons: list[str | None], *, first_label: int, timer: Timer | None = None,
                  context: float = CONTEXT) -> PromptRun:
     strategy = SquiggleStrategy(slide, prompts, model.mpp, model.patch_size, mpp, first_label=first_label,
-                                context=context)
-    return PromptRun(strategy, predictor, post_params(model), stem, mpp, timer=timer,
+                                context=context, stem=stem)
+    return PromptRun(strategy, predictor, post_params(model), mpp, timer=timer,
                      reasons={k: r for k, r in enumerate(reasons) if r is not None})
 
 
@@ -139,16 +149,17 @@ def predict_gland_labels(slide: SlideSource, prompts: Prompts, model: LoadedMode
     return run.in_memory(chunk)
 
 
-def check_prompts(prompts: Prompts, slide: SlideSource, points_path, opts: SegmentOptions
-                  ) -> tuple[list[str | None], list[str | None]]:
-    """Per click and per squiggle: None when it is to be segmented, else why not.
+def check_prompts(prompts: Prompts, slide: SlideSource, points_path, opts: SegmentOptions,
+                  precedence: list[int] | None = None) -> tuple[list[str | None], list[str | None]]:
+    """Per click and per squiggle: None when it is to be segmented, else why not (of two duplicate
+    clicks, the one first in ``precedence``, their label ids, is kept).
 
     Raises
     ------
     NuclickError
         Every prompt lies off the slide (wrong slide, or another frame); ``--roi`` problems.
     """
-    reasons = check_clicks(prompts, slide, opts.duplicate_px)
+    reasons = check_clicks(prompts, slide, opts.duplicate_px, precedence)
     sq_reasons = check_squiggles(prompts, slide)
     if all(r is not None and r.startswith("outside") for r in reasons + sq_reasons):
         raise NuclickError(
@@ -173,7 +184,14 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
 
     Clicks are nuclei (``models.nuclei``, the embedded default unless given). Squiggles (lines) are
     glands, segmented in the same run with ``models.gland`` into ``S.glands.zarr``; their ids
-    continue after the clicks' (squiggle k: number of clicks + k + 1).
+    continue after the clicks' (squiggle k: the id table's next free click id + k; glands keep no ids
+    of their own across reruns, their uuids follow the squiggle's index and first point).
+
+    Reruns (:mod:`nuclick_wsi.engine.rerun`): a click's id and uuid follow the click across reruns
+    into the same folder (the id table in ``S.labels.zarr``); when the folder holds a complete run
+    with the same slide, model, um/px and options, only the clicks whose patch an edit touched are
+    recomputed, and the outputs are those a from-scratch run with the same id table writes.
+    ``options.full`` starts afresh.
 
     Raises
     ------
@@ -197,22 +215,28 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
-        reasons, sq_reasons = check_prompts(prompts, slide, points_path, opts)
+        previous = read_previous(paths["report"], paths["labels"], full=opts.full)
+        labels, uuids, table = previous.table.assign(prompts.clicks, stem)
+        reasons, sq_reasons = check_prompts(prompts, slide, points_path, opts, labels)
         ensure_writable_dir(Path(out_dir))
         cleanup_temporaries(out_dir)  # temporaries of killed runs (their owner is gone)
         safety.check_free_space(Path(out_dir), safety.expected_bytes(len(reasons) + len(sq_reasons), opts.formats,
                                                                    chunks_touched(prompts, opts.chunk)))
         timer = Timer()
-        nuclei = gland = None
+        nuclei = gland = rerun = None
         if nuclei_model is not None:
             pred = models.predictor(nuclei_model, opts.device, opts.precision, opts.tta, opts.runtime)
-            nuclei = (nuclei_model, click_run(slide, prompts, nuclei_model, pred, mpp, stem, opts, reasons, timer))
+            rerun = decide(previous, fingerprint(slide, slide_path, mpp, nuclei_model, pred, opts.batch_size),
+                           recompute=opts.recompute)
+            nuclei = (nuclei_model, click_run(slide, prompts, nuclei_model, pred, mpp, stem, opts, reasons, timer,
+                                              ids=(labels, uuids), cache=rerun.cache, outlines=rerun.outlines))
         if gland_model is not None:
             pred = models.predictor(gland_model, opts.device, opts.precision, opts.tta, opts.runtime)
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
-                                               first_label=len(prompts.clicks) + 1, timer=timer))
+                                               first_label=table.next_id, timer=timer))
         report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,
-                                dict(slide_path=slide_path, points_path=points_path, t_start=t_start))
+                                dict(slide_path=slide_path, points_path=points_path, t_start=t_start,
+                                     rerun=rerun, table=table))
     finally:
         slide.close()
     if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
@@ -243,8 +267,14 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                          ngff_version=opts.ngff)
 
     try:
+        state_sha = None
         if nuclei is not None:
             nuclei[1].into_store(store("labels", "nuclei"), progress=opts.progress, desc=stem, unit="nuclei")
+            t = time.perf_counter()
+            state = RerunState(where["rerun"].fingerprint, where["table"].to_json(), nuclei[1].strategy.pieces,
+                               nuclei[1].outlines)
+            state_sha = write_state(temps["labels"], state)
+            timer.add("write", time.perf_counter() - t)
         else:  # squiggles only: an empty nucleus label store
             store("labels", "nuclei")().finalize([], colors=None)
         if gland is not None:
@@ -259,6 +289,8 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                 points_path=where["points_path"], mpp=mpp, nuclei=nuclei, gland=gland,
                                 predictor=predictor, paths=paths, timer=timer,
                                 wall=time.perf_counter() - where["t_start"])
+        if nuclei is not None:
+            report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1].strategy, state_sha)
         commit_outputs(temps, paths, report)
         for old in stale:
             remove_path(old)

@@ -85,6 +85,35 @@ def disk_model(radius: float = 6.0, mpp: float = 0.25, **post) -> LoadedModel:
     return LoadedModel(net=DiskNet(radius).eval(), arch="test-disk", arch_args={}, metadata=meta, source="test:disk")
 
 
+class GuidedDiskNet(nn.Module):
+    """A disk around the click, cut back near the other clicks of the exclusion map and perturbed by a
+    small random convolution of every input channel: every bit of its output depends on the image, the
+    guidance and the fp32 kernels, as a real network's does (for reruns that must equal fresh runs)."""
+
+    def __init__(self, radius: float = 7.0, seed: int = 0) -> None:
+        super().__init__()
+        self.radius = radius
+        self.conv = nn.Conv2d(5, 1, 3, padding=1)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen) * 0.3)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        d = centre_distance(h, w)
+        near_other = nn.functional.max_pool2d(x[:, 4:5], 7, stride=1, padding=3)
+        return 2.0 * (self.radius - d) - 20.0 * near_other + self.conv(x)
+
+
+def guided_model(radius: float = 7.0, mpp: float = 0.25, seed: int = 0, **post) -> LoadedModel:
+    """A LoadedModel around :class:`GuidedDiskNet`."""
+    meta = {"mpp": mpp, "patch_size": 128, "task": "nuclei",
+            "postprocess": {"threshold": 0.5, "min_object_px": 1, "min_hole_px": 0, **post}}
+    return LoadedModel(net=GuidedDiskNet(radius, seed).eval(), arch="test-guided", arch_args={}, metadata=meta,
+                       source="test:guided")
+
+
 def write_tiff_slide(path: Path, width: int, height: int, mpp: float | None, *, tile: int = 256,
                      rgb: np.ndarray | None = None) -> Path:
     """A tiled pyramidal TIFF (levels 1, 2, 4...) with resolution tags for ``mpp`` (None: no tags)."""

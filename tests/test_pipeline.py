@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import shapely
 import torch
 from scipy import ndimage as ndi
 from shapely.geometry import Point, shape
@@ -730,6 +729,11 @@ def test_rerun_replaces_previous_outputs(tmp_path):
     run(slide, first, out, disk_model(5.5), formats=("qupath", "asap", "geoparquet"))
     assert len(features(out / "slide.geojson")) > 10
     r = run(slide, second, out, disk_model(5.5), formats=("qupath", "asap", "geoparquet"))
+    # other clicks: new ids after the 30 removed ones (never given again in this folder)
+    assert {c["instance_id"] for c in r.report["clicks"]} - {None} <= set(range(31, 41))
+    assert r.report["rerun"]["ids"] == {"kept": 0, "new": 10, "removed": 30, "next_id": 41}
+    r = run(slide, second, out, disk_model(5.5), formats=("qupath", "asap", "geoparquet"), full=True)
+    assert r.report["rerun"]["why_full"] == "--full"
     run(slide, second, tmp_path / "fresh", disk_model(5.5), formats=("qupath", "asap", "geoparquet"))
     assert files_in(out) == files_in(tmp_path / "fresh") == sorted(
         ["slide.geojson", "slide.xml", "slide.parquet", "slide.labels.zarr", "slide.report.json"])

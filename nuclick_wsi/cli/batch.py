@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, qc_option, slide_options
+from nuclick_wsi.cli.common import fail_cleanly, full_option, model_options, output_options, qc_option, slide_options
 
 
 @click.command()
@@ -34,12 +34,13 @@ from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, 
 @click.option("--dry-run", "-n", is_flag=True, help="Check the manifest and show what would run; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary table.")
 @qc_option()
+@full_option()
 @slide_options
 @model_options
 @fail_cleanly
 def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, only, task_index,
           rows_per_task, wait, stale_lock_after, slides_in_flight, gland_weights, no_summary, summary_only, dry_run, quiet, mpp,
-          bounds_offset, reader, ngff, weights, device, batch_size, precision, qc=True, tta=False, runtime="auto") -> None:
+          bounds_offset, reader, ngff, weights, device, batch_size, precision, qc=True, tta=False, runtime="auto", full=False) -> None:
     """Segment every row of MANIFEST (CSV: slide,points[,mpp,weights,stem]) into OUT/<stem>.*.
 
     Every row is checked before any work starts. Slides whose outputs are complete are skipped, so a
@@ -58,7 +59,8 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
     if man.ignored_columns and not quiet:
         click.echo(f"{manifest}: ignoring column(s) {', '.join(man.ignored_columns)}", err=True)
     seg = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
-                         device=device, precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, gzip=gzip, progress=False, ngff=ngff, qc=qc)
+                         device=device, precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, gzip=gzip, progress=False, ngff=ngff, qc=qc,
+                         full=full)
     models = Models.from_flags(weights, gland_weights, threshold=threshold, min_object_px=min_object_px,
                                min_hole_px=min_hole_px)
     opts = BatchOptions(segment=seg, only=only, task_index=task_index, rows_per_task=rows_per_task,

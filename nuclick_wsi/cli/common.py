@@ -75,6 +75,14 @@ def qc_option():
                              "batch and qupath run also index.html (one row per slide).")
 
 
+def full_option():
+    """--full of segment, batch and qupath run (reruns: nuclick_wsi.engine.rerun)."""
+    return click.option("--full", is_flag=True,
+                        help="Recompute every click with a fresh id table (ids in click order), ignoring an earlier "
+                             "run in the output folder; by default a rerun keeps each click's id and uuid and "
+                             "recomputes only the clicks an edit of the clicks file can change.")
+
+
 def slide_options(fn):
     """Options shared by the commands that read slides (and write label stores)."""
     return _apply(fn, [

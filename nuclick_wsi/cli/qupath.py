@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from nuclick_wsi.cli.common import fail_cleanly, format_option, model_options, object_type_option, qc_option, slide_options
+from nuclick_wsi.cli.common import (fail_cleanly, format_option, full_option, model_options, object_type_option,
+                                    qc_option, slide_options)
 
 
 @click.group()
@@ -24,11 +25,12 @@ def qupath() -> None:
               help="Gland model for the squiggles (line annotations), if the clicks have any.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary.")
 @qc_option()
+@full_option()
 @slide_options
 @model_options
 @fail_cleanly
 def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, mpp, bounds_offset, reader, ngff,
-               weights, device, batch_size, precision, qc=True, tta=False, runtime="auto") -> None:
+               weights, device, batch_size, precision, qc=True, tta=False, runtime="auto", full=False) -> None:
     """Segment PROJECT/nuclick/clicks/<image>.geojson for each image of PROJECT (project.qpproj or its folder).
 
     Results go to PROJECT/nuclick/results/<image>.geojson (+ .labels.zarr, .report.json) for
@@ -43,7 +45,8 @@ def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, 
     forced = None if ctx.get_parameter_source("bounds_offset") == click.core.ParameterSource.DEFAULT else bounds_offset
     proj = read_project(project)
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, reader=reader, device=device,
-                          precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, progress=False, roi=roi, ngff=ngff, qc=qc)
+                          precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, progress=False, roi=roi, ngff=ngff, qc=qc,
+                          full=full)
     log = None if quiet else (lambda line: click.echo(line, err=True))
     run = run_project(proj, options=opts, models=Models.from_flags(weights, gland_weights), bounds_offset=forced,
                       force=force, log=log)

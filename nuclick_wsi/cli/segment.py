@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, qc_option, slide_options
+from nuclick_wsi.cli.common import fail_cleanly, full_option, model_options, output_options, qc_option, slide_options
 
 
 @click.command()
@@ -27,18 +27,19 @@ from nuclick_wsi.cli.common import fail_cleanly, model_options, output_options, 
 @click.option("--squiggle-group", "squiggle_groups", multiple=True, metavar="NAME",
               help="ASAP group / ImageScope layer whose lines are squiggles (repeatable; QuPath lines always are).")
 @qc_option()
+@full_option()
 @slide_options
 @model_options
 @fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
             roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, ngff, weights, device,
-            batch_size, precision, qc=True, tta=False, runtime="auto") -> None:
+            batch_size, precision, qc=True, tta=False, runtime="auto", full=False) -> None:
     """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
     from nuclick_wsi.pipeline import Models, SegmentOptions, segment as run_segment
 
     opts = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                           device=device, precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, gzip=gzip, progress=not quiet,
-                          roi=roi, squiggle_groups=squiggle_groups, ngff=ngff, qc=qc)
+                          roi=roi, squiggle_groups=squiggle_groups, ngff=ngff, qc=qc, full=full)
     models = Models.from_flags(weights, gland_weights, task=task, threshold=threshold, min_object_px=min_object_px,
                                min_hole_px=min_hole_px)
     result = run_segment(slide, points, out_dir, options=opts, models=models, stem=stem)
@@ -50,6 +51,10 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
                    f"outputs in {out_dir}", err=True)
         for reason, n in t["skipped_by_reason"].items():
             click.echo(f"  skipped {n}: {reason}", err=True)
+        rerun = result.report.get("rerun")
+        if rerun:
+            click.echo(f"incremental rerun: {rerun['reused']} reused, {rerun['recomputed']} recomputed" if
+                       rerun["mode"] == "incremental" else f"full run: {rerun['why_full']}", err=True)
         if "squiggles" in t:
             click.echo(f"{t['glands_segmented']} of {t['squiggles']} squiggles segmented (glands)", err=True)
             for reason, n in t["glands_skipped_by_reason"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Any
@@ -9,35 +10,61 @@ from typing import Any
 import numpy as np
 
 from nuclick_wsi.engine.background import Timer
+from nuclick_wsi.engine.identity import fresh_ids
 from nuclick_wsi.guidance.clicks import ExclusionIndex, effective_scale, patch_origin, plan_regions
 from nuclick_wsi.io.slides.base import SlideSource
 from nuclick_wsi.postprocess.resample import to_level0
 from nuclick_wsi.records import Prompts
+from nuclick_wsi.store.rerun import PackedPiece
 
 #: side of the regions clicks are grouped into, model pixels
 TILE = 512
 
 
-class ClickStrategy:
-    """Clicks: patches of ``patch`` model pixels centred on each click; label = click index + 1.
+def signature(x: float, y: float, neighbours: list[tuple[int, int]], box: tuple | None) -> str:
+    """What a click's piece is a function of, hashed: its exact position, the other clicks in its
+    exclusion map, and, when the slide is resampled, the read its patch is cut from (the image
+    itself, the model and the options are the run's fingerprint)."""
+    text = repr((float(x).hex(), float(y).hex(), sorted(neighbours), box))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    A batch item is ``(index, region row, level-0 x, level-0 y of the patch)``; the stitcher's rows
-    above a region row (less a patch's reach) are final once the next region row starts.
+
+class ClickStrategy:
+    """Clicks: patches of ``patch`` model pixels centred on each click; label ids from the id table
+    (``labels``/``uuids``, per click; default: click index + 1 and its deterministic uuid).
+
+    A batch item is ``(index, region row, level-0 x, level-0 y of the patch, batch slot, signature)``;
+    the slot is None for a click whose piece comes from ``cache`` (pieces of an earlier run by
+    signature: :func:`signature`). The stitcher's rows above a region row (less a patch's reach) are
+    final once the next region row starts. Ties in every order are broken by label id, never by the
+    place in the file, so a reordered file gives the same run.
+
+    Batches always hold ``batch_size`` patches (the last one padded with zeros): some CPU kernels
+    give a patch other bits in a batch of another size, and a rerun's batches differ from a full
+    run's.
     """
 
     kind = "nucleus"
     lost = "nothing segmented: lost every pixel to neighbouring instances"
 
     def __init__(self, slide: SlideSource, prompts: Prompts, model_mpp: float, patch: int, mpp: float, *,
-                 batch_size: int = 64, duplicate_px: float = 2.0) -> None:
+                 batch_size: int = 64, duplicate_px: float = 2.0, labels: list[int] | None = None,
+                 uuids: list[str] | None = None, cache: dict[str, PackedPiece] | None = None, stem: str = "") -> None:
         self.slide, self.prompts_all, self.prompts = slide, prompts, prompts.clicks
         self.scale = effective_scale(model_mpp, mpp)
         self.patch, self.batch_size, self.duplicate_px = patch, batch_size, duplicate_px
+        if labels is None or uuids is None:
+            labels, uuids = fresh_ids(self.prompts, stem)
+        self.labels, self.uuids = labels, uuids
+        self.cache = cache or {}
+        #: the pieces of this run by signature (reused or new): the next run's cache
+        self.pieces: dict[str, PackedPiece] = {}
+        self.reused = 0
         self._row = -1
 
     def plan(self, reasons: dict[int, str]) -> list[int]:
-        """Pending clicks; a click in the model pixel of an earlier one is a duplicate (in ``reasons``)."""
-        valid = [k for k in range(len(self.prompts)) if k not in reasons]
+        """Pending clicks; a click in the model pixel of one with a lower id is a duplicate (in ``reasons``)."""
+        valid = sorted((k for k in range(len(self.prompts)) if k not in reasons), key=lambda k: self.labels[k])
         if self.duplicate_px > 0 and self.scale > 1:
             # a model pixel wider than duplicate_px can hold two clicks that are not duplicates in
             # level-0 px: both would get the same patch and the later one a 1 px instance
@@ -53,53 +80,85 @@ class ClickStrategy:
         return valid
 
     def batches(self, order: list[int], timer: Timer):
-        """(batch, items) of guided patches, region by region (runs in the producer thread)."""
+        """(batch, items) of guided patches, region by region (runs in the producer thread).
+
+        ``batch`` is None when every item of the group is reused.
+        """
         xs = np.array([self.prompts[k].x for k in order], float)
         ys = np.array([self.prompts[k].y for k in order], float)
         ids = np.array(order, np.int64)
-        regions = plan_regions(xs, ys, self.scale, self.patch, tile=TILE)
+        regions = plan_regions(xs, ys, self.scale, self.patch, tile=TILE,
+                               ties=np.array([self.labels[k] for k in order], np.int64))
         p, half, bs = self.patch, self.patch // 2, self.batch_size
         excl = ExclusionIndex(xs, ys, self.scale)
         buf = np.zeros((bs, 5, p, p), np.float32)
-        meta: list[tuple[int, int, float, float]] = []
+        meta: list[tuple] = []
+        n = 0
         for region in regions:
             t = time.perf_counter()
-            img = self.slide.read_region(region.x0, region.y0, region.width * self.scale, region.height * self.scale,
-                                         region.width, region.height)
-            timer.add("read", time.perf_counter() - t)
-            t = time.perf_counter()
-            for k in region.clicks:
-                c0, r0 = patch_origin(xs[k], ys[k], region, self.scale, p)
-                n = len(meta)
+            box = None if self.scale == 1 else (region.x0, region.y0, region.width, region.height)
+            sigs = [signature(xs[k], ys[k], excl.neighbours(int(k), p), box) for k in region.clicks]
+            todo = [k for k, sig in zip(region.clicks, sigs) if sig not in self.cache]
+            read, img = region, None
+            if box is None and 0 < len(todo) < len(region.clicks):  # native pixels: read only the patches to compute
+                read = plan_regions(xs[todo], ys[todo], self.scale, p, tile=TILE)[0]
+            for k, sig in zip(region.clicks, sigs):
+                gx, gy = math.floor(xs[k] / self.scale), math.floor(ys[k] / self.scale)
+                item = (int(ids[k]), region.row, (gx - half) * self.scale, (gy - half) * self.scale)
+                if sig in self.cache:
+                    meta.append((*item, None, sig))
+                    continue
+                if img is None:  # a region whose clicks are all reused is not read
+                    img = self.slide.read_region(read.x0, read.y0, read.width * self.scale, read.height * self.scale,
+                                                 read.width, read.height)
+                c0, r0 = patch_origin(xs[k], ys[k], read, self.scale, p)
                 np.multiply(img[r0:r0 + p, c0:c0 + p].transpose(2, 0, 1), np.float32(1 / 255), out=buf[n, :3])
                 buf[n, 3], buf[n, 4] = excl.maps(int(k), p)
-                gx, gy = math.floor(xs[k] / self.scale), math.floor(ys[k] / self.scale)
-                meta.append((int(ids[k]), region.row, (gx - half) * self.scale, (gy - half) * self.scale))
-                if len(meta) == bs:
+                meta.append((*item, n, sig))
+                n += 1
+                if n == bs:
                     timer.add("read", time.perf_counter() - t)
                     yield buf.copy(), meta
                     t = time.perf_counter()
-                    meta = []
+                    meta, n = [], 0
             timer.add("read", time.perf_counter() - t)
         if meta:
-            yield buf[: len(meta)].copy(), meta
+            buf[n:] = 0  # a full batch: the patches' bits do not depend on how many share it
+            yield (buf.copy() if n else None), meta
 
-    def flush_y(self, item: tuple[int, int, float, float]) -> float | None:
+    def slot(self, item: tuple, position: int) -> int | None:
+        """The item's row in its batch, None when its piece is reused."""
+        return item[4]
+
+    def reuse(self, item: tuple) -> PackedPiece:
+        """The earlier run's piece of a reused item (kept for the next run)."""
+        piece = self.pieces[item[5]] = self.cache[item[5]]
+        self.reused += 1
+        return piece
+
+    def remember(self, item: tuple, piece: PackedPiece) -> None:
+        """Keep a new piece (or its reason) for the next run."""
+        self.pieces[item[5]] = piece
+
+    def flush_y(self, item: tuple) -> float | None:
         row = item[1]
         if row == self._row:
             return None
         self._row = row
         return row * TILE * self.scale - (self.patch // 2 + 2) * self.scale
 
-    def locate(self, prob: np.ndarray, item: tuple[int, int, float, float]):
-        idx, _, px0, py0 = item
+    def locate(self, prob: np.ndarray, item: tuple):
+        idx, _, px0, py0 = item[:4]
         click = self.prompts[idx]
         grid, u0, v0 = to_level0(prob, px0, py0, self.patch * self.scale, self.scale)
         seed = (math.floor(click.y) - v0, math.floor(click.x) - u0)
         return grid, u0, v0, seed, idx
 
     def label_of(self, index: int) -> int:
-        return index + 1
+        return self.labels[index]
+
+    def uuid_of(self, index: int) -> str:
+        return self.uuids[index]
 
     def anchor(self, index: int) -> tuple[float, float]:
         c = self.prompts[index]

@@ -18,12 +18,14 @@ Threads and what each owns:
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+import shapely
 
 from nuclick_wsi.engine.background import Timer, background
 from nuclick_wsi.io.slides.base import SlideSource
@@ -31,8 +33,9 @@ from nuclick_wsi.model.predictor import Predictor
 from nuclick_wsi.postprocess.confidence import RING_MODEL_PX, outline_confidence
 from nuclick_wsi.postprocess.stitch import Piece, Stitcher
 from nuclick_wsi.postprocess.threshold import PostParams, instance_from_probability
-from nuclick_wsi.postprocess.trace import deterministic_uuid, trace_mask
+from nuclick_wsi.postprocess.trace import trace_mask
 from nuclick_wsi.records import Instance, outcome
+from nuclick_wsi.store.rerun import PackedPiece
 
 
 class Strategy(Protocol):
@@ -49,8 +52,20 @@ class Strategy(Protocol):
     def flush_y(self, item: Any) -> float | None: ...  # noqa: E704 - level-0 y above which rows are final
     def locate(self, prob: np.ndarray, item: Any) -> tuple[np.ndarray, int, int, Any, int]: ...  # noqa: E704
     def label_of(self, index: int) -> int: ...  # noqa: E704
+    def uuid_of(self, index: int) -> str: ...  # noqa: E704
+    def slot(self, item: Any, position: int) -> int | None: ...  # noqa: E704 - its batch row; None: reused
+    def reuse(self, item: Any) -> PackedPiece: ...  # noqa: E704 - the earlier run's piece of a reused item
+    def remember(self, item: Any, piece: PackedPiece) -> None: ...  # noqa: E704 - keep a new piece
     def anchor(self, index: int) -> tuple[float, float]: ...  # noqa: E704 - the prompt's point in the report
     def record(self, index: int) -> dict[str, Any]: ...  # noqa: E704 - its report record (without outcome)
+
+
+def outline_key(mask: np.ndarray, x0: int, y0: int) -> str:
+    """A final instance mask and its place, hashed (its outline is a function of them)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.array([x0, y0, *mask.shape], np.int64).tobytes())
+    h.update(np.packbits(mask, axis=None).tobytes())
+    return h.hexdigest()
 
 
 class ArrayLabels:
@@ -74,21 +89,23 @@ class PromptRun:
     predictor : Predictor
     params : PostParams
         Post-processing thresholds in model pixels (the model's metadata).
-    stem : str
-        Output stem (salt of the instances' deterministic UUIDs).
     mpp : float
         Level-0 um/px (areas in um^2).
     """
 
-    def __init__(self, strategy: Strategy, predictor: Predictor, params: PostParams, stem: str, mpp: float, *,
-                 reasons: dict[int, str] | None = None, timer: Timer | None = None) -> None:
-        self.strategy, self.predictor, self.stem, self.mpp = strategy, predictor, stem, mpp
+    def __init__(self, strategy: Strategy, predictor: Predictor, params: PostParams, mpp: float, *,
+                 reasons: dict[int, str] | None = None, timer: Timer | None = None,
+                 outlines: dict[str, bytes] | None = None) -> None:
+        self.strategy, self.predictor, self.mpp = strategy, predictor, mpp
         self.model_params = params
         self.params = params.scaled(strategy.scale ** 2)
         self.timer = timer or Timer()
         self.instances: list[Instance] = []
         self.table: list[dict[str, Any]] = []
         self.reasons: dict[int, str] = dict(reasons or {})
+        #: traced outlines (WKB) by :func:`outline_key`: an earlier run's, to skip tracing the same mask again
+        self.known_outlines = outlines or {}
+        self.outlines: dict[str, bytes] = {}  #: this run's, for the next
 
     @property
     def n_pending(self) -> int:
@@ -96,6 +113,9 @@ class PromptRun:
 
     def _predict(self, batches: Iterable[tuple[np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
         for batch, meta in background(batches):
+            if batch is None:  # every item reused
+                yield None, meta
+                continue
             t = time.perf_counter()
             prob = self.predictor(batch)
             self.timer.add("infer", time.perf_counter() - t)
@@ -121,7 +141,7 @@ class PromptRun:
                     tw = self.timer.seconds["write"]
                     stitcher.flush(y)
                     t += self.timer.seconds["write"] - tw  # flushing is writing, not post-processing
-                piece = self._piece(prob[k], item)
+                piece = self._piece_of(prob, item, k)
                 if piece is not None:
                     stitcher.add(piece)
             self.timer.add("post", time.perf_counter() - t)
@@ -134,12 +154,27 @@ class PromptRun:
         self.instances.sort(key=lambda i: i.label)
         self.table.sort(key=lambda r: r["label"])
 
+    def _piece_of(self, prob: np.ndarray | None, item: Any, position: int) -> Piece | None:
+        """The item's instance crop: the earlier run's (reused) or a new one from its probabilities."""
+        s = self.strategy
+        slot = s.slot(item, position)
+        if slot is not None:
+            return self._piece(prob[slot], item)
+        packed, idx = s.reuse(item), item[0]
+        if packed.reason is not None:
+            self.reasons[idx] = packed.reason
+            return None
+        mask, pr, seed = packed.unpack()
+        return Piece(label=s.label_of(idx), x0=packed.x0, y0=packed.y0, mask=mask, prob=pr, seed=seed,
+                     meta={"index": idx, "confidence": packed.confidence})
+
     def _piece(self, prob: np.ndarray, item: Any) -> Piece | None:
         """A probability patch -> a level-0 instance crop (or None, the reason recorded)."""
         grid, u0, v0, seed, idx = self.strategy.locate(prob, item)
         mask, where = instance_from_probability(grid, seed, self.params)
         if mask is None:
             self.reasons[idx] = where
+            self.strategy.remember(item, PackedPiece(reason=where))
             return None
         (r0, c0), (h, w) = where, mask.shape
         if isinstance(seed, tuple):
@@ -148,9 +183,11 @@ class PromptRun:
         else:
             seed_mask = seed[r0:r0 + h, c0:c0 + w] & mask
         conf = outline_confidence(grid, mask, where, ring_px=round(RING_MODEL_PX * self.strategy.scale))
-        return Piece(label=self.strategy.label_of(idx), x0=u0 + c0, y0=v0 + r0, mask=mask,
-                     prob=grid[r0:r0 + h, c0:c0 + w].astype(np.float16), seed=seed_mask,
-                     meta={"index": idx, "confidence": conf})
+        piece = Piece(label=self.strategy.label_of(idx), x0=u0 + c0, y0=v0 + r0, mask=mask,
+                      prob=grid[r0:r0 + h, c0:c0 + w].astype(np.float16), seed=seed_mask,
+                      meta={"index": idx, "confidence": conf})
+        self.strategy.remember(item, PackedPiece.pack(piece.x0, piece.y0, mask, piece.prob, seed_mask, conf))
+        return piece
 
     def _retire(self, piece: Piece) -> None:
         """An instance whose pixels are final: trace it, record it for the outputs and the table."""
@@ -162,9 +199,12 @@ class PromptRun:
         score = float(piece.prob[piece.mask].astype(np.float32).mean())
         rr, cc = np.nonzero(piece.mask)
         cxm, cym = piece.x0 + cc.mean() + 0.5, piece.y0 + rr.mean() + 0.5
-        geom = trace_mask(piece.mask, piece.x0, piece.y0)
+        key = outline_key(piece.mask, piece.x0, piece.y0)
+        wkb = self.known_outlines.get(key)
+        geom = trace_mask(piece.mask, piece.x0, piece.y0) if wkb is None else shapely.from_wkb(wkb)
+        self.outlines[key] = shapely.to_wkb(geom) if wkb is None else wkb
         area_um2 = area * self.mpp ** 2
-        uid = deterministic_uuid(self.stem, idx, x, y, kind)
+        uid = self.strategy.uuid_of(idx)
         self.instances.append(Instance(label=piece.label, uuid=uid, geometry=geom, class_name=prompt.class_name,
                                        color=prompt.color, area_px=area, area_um2=area_um2, score=score,
                                        confidence=piece.meta["confidence"], prompt_index=idx, kind=kind))

@@ -1,7 +1,8 @@
 """The squiggle strategy: one patch per squiggle, its box grown or downscaled (see :mod:`.run`).
 
 Geometry, guidance maps and frames: :mod:`nuclick_wsi.guidance.squiggles`. Label ids: squiggle
-``k`` of a file with ``n`` clicks gets id ``n + k + 1``, one id space across both label arrays.
+``k`` gets id ``first_label + k``, the id table's next free ids after the clicks' (one id space
+across both label arrays). Glands are always recomputed on a rerun.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from nuclick_wsi.engine.background import Timer
 from nuclick_wsi.guidance.clicks import effective_scale
 from nuclick_wsi.guidance.squiggles import CONTEXT, GlandBox, guidance_maps, polyline_pixels, squiggle_box
 from nuclick_wsi.io.slides.base import SlideSource
+from nuclick_wsi.postprocess.trace import deterministic_uuid
 from nuclick_wsi.postprocess.resample import to_level0
 from nuclick_wsi.records import Prompts
+from nuclick_wsi.store.rerun import PackedPiece
 
 #: gland patches per inference batch (512 x 512 x 5 float32 = 5 MB each)
 BATCH = 8
@@ -31,8 +34,8 @@ class SquiggleStrategy:
     lost = "nothing segmented: lost every pixel to neighbouring glands"
 
     def __init__(self, slide: SlideSource, prompts: Prompts, model_mpp: float, patch: int, mpp: float, *,
-                 first_label: int, batch_size: int = BATCH, context: float = CONTEXT) -> None:
-        self.slide, self.prompts = slide, prompts.squiggles
+                 first_label: int, batch_size: int = BATCH, context: float = CONTEXT, stem: str = "") -> None:
+        self.slide, self.prompts, self.stem = slide, prompts.squiggles, stem
         self.scale = effective_scale(model_mpp, mpp)
         self.patch, self.first_label = patch, int(first_label)
         self.batch_size, self.context = max(1, int(batch_size)), context
@@ -85,6 +88,19 @@ class SquiggleStrategy:
 
     def label_of(self, index: int) -> int:
         return self.first_label + index
+
+    def uuid_of(self, index: int) -> str:
+        x, y = self.anchor(index)
+        return deterministic_uuid(self.stem, index, x, y, self.kind)
+
+    def slot(self, item: int, position: int) -> int:
+        return position  # glands are always recomputed (no rerun reuse)
+
+    def reuse(self, item: int) -> PackedPiece:
+        raise RuntimeError("squiggles are never reused")
+
+    def remember(self, item: int, piece: PackedPiece) -> None:
+        pass
 
     def anchor(self, index: int) -> tuple[float, float]:
         x, y = self.prompts[index].points[0]

@@ -45,17 +45,18 @@ class Region:
 
 
 def plan_regions(xs: np.ndarray, ys: np.ndarray, scale: float, patch: int, *, tile: int = 512,
-                 limit: tuple[int, int] | None = None) -> list[Region]:
+                 limit: tuple[int, int] | None = None, ties: np.ndarray | None = None) -> list[Region]:
     """Group clicks into reads on a grid of ``tile`` model pixels, in row-major order.
 
     Each region is the bounding box of its clicks' patches, so an isolated click costs one
     ``patch``-sized read and a crowded tile one read of at most ``tile + patch`` pixels a side.
+    A region's clicks come by y, then x, then ``ties`` (default: their order in ``xs``).
     """
     half = patch // 2
     tile_l0 = tile * scale
     tx = np.floor(xs / tile_l0).astype(np.int64)
     ty = np.floor(ys / tile_l0).astype(np.int64)
-    order = np.lexsort((xs, ys, tx, ty))
+    order = np.lexsort((np.arange(len(xs)) if ties is None else ties, xs, ys, tx, ty))
     regions: list[Region] = []
     if not len(order):
         return regions
@@ -88,26 +89,39 @@ class ExclusionIndex:
         self.gy = np.floor(ys / scale).astype(np.int64)
         self.tree = cKDTree(np.stack([self.gx, self.gy], axis=1)) if len(xs) else None
 
+    def neighbours(self, k: int, patch: int) -> list[tuple[int, int]]:
+        """(column, row) in click ``k``'s patch of every other click the patch holds."""
+        half = patch // 2
+        out = []
+        if self.tree is not None:
+            near = self.tree.query_ball_point([self.gx[k], self.gy[k]], r=half * math.sqrt(2) + 1, p=2.0)
+            for j in near:
+                if j == k:
+                    continue
+                c = int(self.gx[j] - self.gx[k] + half)
+                r = int(self.gy[j] - self.gy[k] + half)
+                if 0 <= c < patch and 0 <= r < patch and not (r == half and c == half):
+                    out.append((c, r))
+        return out
+
     def maps(self, k: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
         """Inclusion and exclusion maps (float32, patch x patch) for click ``k``."""
         half = patch // 2
         incl = np.zeros((patch, patch), np.float32)
         incl[half, half] = 1.0
         excl = np.zeros((patch, patch), np.float32)
-        if self.tree is not None:
-            near = self.tree.query_ball_point([self.gx[k], self.gy[k]], r=half * math.sqrt(2) + 1, p=2.0)
-            for j in near:
-                if j == k:
-                    continue
-                c = self.gx[j] - self.gx[k] + half
-                r = self.gy[j] - self.gy[k] + half
-                if 0 <= c < patch and 0 <= r < patch and not (r == half and c == half):
-                    excl[r, c] = 1.0
+        for c, r in self.neighbours(k, patch):
+            excl[r, c] = 1.0
         return incl, excl
 
 
-def check_clicks(prompts: Prompts, slide: SlideSource, duplicate_px: float) -> list[str | None]:
-    """Per click: None when it is to be segmented, else the reason it is not."""
+def check_clicks(prompts: Prompts, slide: SlideSource, duplicate_px: float,
+                 precedence: list[int] | None = None) -> list[str | None]:
+    """Per click: None when it is to be segmented, else the reason it is not.
+
+    Of two duplicates the one first in ``precedence`` (a key per click, e.g. its label id; default:
+    the file order) is kept.
+    """
     n = len(prompts.clicks)
     xs = np.array([c.x for c in prompts.clicks], float)
     ys = np.array([c.y for c in prompts.clicks], float)
@@ -116,6 +130,8 @@ def check_clicks(prompts: Prompts, slide: SlideSource, duplicate_px: float) -> l
     for k in np.flatnonzero(outside):
         reasons[k] = f"outside the slide ({slide.width} x {slide.height} px)"
     inside = np.flatnonzero(~outside)
+    if precedence is not None:
+        inside = inside[np.argsort(np.asarray(precedence)[inside], kind="stable")]
     if len(inside) > 1 and duplicate_px > 0:
         of = duplicate_of(xs[inside], ys[inside], duplicate_px)  # O(n) memory (a grid), however crowded
         for j in np.flatnonzero(of >= 0):

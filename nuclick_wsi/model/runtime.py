@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.model.weights import weights_sha256
 from nuclick_wsi.model.precision import (MIN_GAIN, PrecisionChoice, cache_path, cpu_description, read_cache,
                                          write_cache)
 
@@ -56,16 +57,6 @@ def openvino_version() -> str | None:
     return str(openvino.__version__)
 
 
-def weights_digest(net: torch.nn.Module) -> str:
-    """A hash of the network's tensors (names, shapes, values)."""
-    h = hashlib.sha256()
-    for name, t in net.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 class OpenVinoNet:
     """``net`` compiled by OpenVINO for this CPU: logits (B, 1, H, W) for a (B, C, H, W) float32 batch.
 
@@ -79,7 +70,7 @@ class OpenVinoNet:
         if precision not in OV_PRECISION:
             raise NuclickError(f"OpenVINO runs fp32 or bf16, not {precision!r}")
         shape = [-1, in_channels, patch_size, patch_size]
-        key = hashlib.sha256(json.dumps([weights_digest(net), shape, ov.__version__]).encode()).hexdigest()[:24]
+        key = hashlib.sha256(json.dumps([weights_sha256(net), shape, ov.__version__]).encode()).hexdigest()[:24]
         folder = cache_dir or cache_path().parent / "openvino"
         xml = folder / f"{key}.xml"
         core = ov.Core()

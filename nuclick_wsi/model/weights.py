@@ -15,6 +15,7 @@ port's UNet, MONAI's ``pathology_nuclick_annotation`` BasicUNet (``nuclick_wsi/m
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -110,6 +111,16 @@ def save_checkpoint(path: str | os.PathLike, net: nn.Module, arch: str, arch_arg
         ckpt.update(extra)
     with atomic_output(path) as tmp:
         torch.save(ckpt, tmp)
+
+
+def weights_sha256(net: torch.nn.Module) -> str:
+    """SHA-256 over the network's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def default_weights_path() -> Path:

@@ -13,7 +13,6 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -304,3 +303,14 @@ def test_tta_flag_reaches_the_predictor_and_the_report(case):
     assert "tta" not in rep_plain and "tta x4" not in rep_plain["device"]
     assert rep_tta["tta"]["flips"] == 4 and "tta x4" in rep_tta["device"]
     assert rep_tta["totals"]["segmented"] == rep_plain["totals"]["segmented"] == 2
+
+
+def test_rerun_says_what_it_reused_and_full_starts_afresh(case):
+    slide, pts, out = case
+    assert invoke(*segment_args(slide, pts, out, "--no-qc")).exit_code == 0
+    again = invoke(*segment_args(slide, pts, out, "--no-qc"))
+    assert again.exit_code == 0, again.output
+    assert "incremental rerun: 2 reused, 0 recomputed" in again.stderr
+    full = invoke(*segment_args(slide, pts, out, "--no-qc", "--full"))
+    assert full.exit_code == 0 and "full run: --full" in full.stderr
+    assert json.loads((out / "slide.report.json").read_text())["rerun"]["why_full"] == "--full"

@@ -43,7 +43,8 @@ def _workdir(root: Path, template: Path | None = None) -> Path:
 
 
 def _folder(out: Path) -> dict[str, object]:
-    """Every file under ``out`` by relative path: bytes, or the report without its timings (the QC page: present)."""
+    """Every file under ``out`` by relative path: bytes, or the report without its timings (the QC page: present;
+    the rerun state and the report's rerun section without the slide file's fingerprint: another copy)."""
     got: dict[str, object] = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
@@ -52,7 +53,12 @@ def _folder(out: Path) -> dict[str, object]:
         elif rel.endswith(".report.json"):
             rep = json.loads(p.read_text())
             rep.pop("timings_s")
+            rep["rerun"].pop("state_sha256")
             got[rel] = rep
+        elif rel.endswith("nuclick-rerun/state.json"):
+            state = json.loads(p.read_text())
+            state["fingerprint"].pop("slide")
+            got[rel] = state
         elif rel.endswith(".qc.html"):  # a page for people: it shows the run's timings
             got[rel] = "<qc page>"
         else:

@@ -28,7 +28,6 @@ from nuclick_wsi.engine.squiggles import SquiggleStrategy
 from nuclick_wsi.guidance.squiggles import CONTEXT, MIN_CONTEXT, guidance_maps, polyline_pixels, squiggle_box
 from nuclick_wsi.model.weights import POSTPROCESS_DEFAULTS, LoadedModel
 from nuclick_wsi.pipeline import Models, SegmentOptions, predict_gland_labels, segment
-from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.records import Prompts, Squiggle
 from nuclick_wsi.io.slides.memory import array_source
 from nuclick_wsi.store.instances import read_instance_table
@@ -423,6 +422,13 @@ def test_end_to_end_qupath_lines_and_clicks(tmp_path):
     assert [r["instance_id"] for r in rep["squiggles"]] == [4, 5, 6]
     assert rep["squiggles"][2]["patch"]["downscale"] > 1 and rep["squiggles"][1]["patch"]["downscale"] == 1
     assert rep["gland_model"]["task"] == "gland" and rep["gland_model"]["postprocess"]["min_hole_px"] == 1000
+    # a rerun: nuclei reused, glands recomputed, the same bytes and ids
+    again = segment(slide, points, out, options=SegmentOptions(progress=False, device="cpu", precision="fp32"),
+                    models=Models(nuclei=disk_model(radius=5, mpp=0.5), gland=dark_gland_model()))
+    assert again.report["rerun"]["mode"] == "incremental" and again.report["rerun"]["reused"] == 3
+    assert [r["instance_id"] for r in again.report["squiggles"]] == [4, 5, 6]
+    assert np.array_equal(np.asarray(open_labels(res.outputs["glands"])[:]), gla)
+    assert json.loads(res.outputs["qupath"].read_text())["features"] == feats
 
 
 def test_squiggles_only_and_task_gland(tmp_path):

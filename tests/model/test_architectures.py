@@ -8,7 +8,6 @@ independently from reading ``tiatoolbox/models/architecture/nuclick.py``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

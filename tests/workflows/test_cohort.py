@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -11,13 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from tests.helpers import (NUCLICK, SUB_ENV, batch_cli, deterministic_files, disk_model, leftovers, make_cohort,
-                           make_weights, write_tiff_slide)
+                           write_tiff_slide)
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.cli.main import main
 from nuclick_wsi.workflows.cohort import (
@@ -433,3 +430,20 @@ def test_slides_in_flight_give_the_same_bytes(tmp_path):
     assert [r.status for r in two.results] == ["segmented"] * 3 and one.ok
     assert deterministic_files(tmp_path / "two") == deterministic_files(tmp_path / "one")
     assert leftovers(tmp_path / "two") == []
+
+
+def test_batch_reruns_incrementally_and_full_passes_through(tmp_path):
+    manifest = make_cohort(tmp_path, n=1)
+    out = tmp_path / "out"
+    args = ["batch", str(manifest), "-o", str(out), "--device", "cpu", "-q", "--no-qc"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    later = time.time() + 5
+    clicks = tmp_path / "clicks" / "s0.csv"
+    clicks.write_text(clicks.read_text() + "200.5,150.5\n")  # one click added
+    os.utime(clicks, (later, later))
+    assert CliRunner().invoke(main, args).exit_code == 0
+    rerun = json.loads((out / "s0.report.json").read_text())["rerun"]
+    assert rerun["mode"] == "incremental" and rerun["ids"]["new"] == 1 and rerun["reused"] > 0
+    os.utime(clicks, (later + 5, later + 5))
+    assert CliRunner().invoke(main, [*args, "--full"]).exit_code == 0
+    assert json.loads((out / "s0.report.json").read_text())["rerun"]["why_full"] == "--full"

@@ -10,13 +10,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 import pytest
 from shapely.geometry import Point, box
 from click.testing import CliRunner
-from tests.helpers import (OPENSLIDE, ROOT, dark_model, disk_model, entry, file_uri, point_feature, write_clicks,
+from tests.helpers import (OPENSLIDE, ROOT, dark_model, disk_model, entry, point_feature, write_clicks,
                            write_leica_scn, write_project, write_tiff_slide)
 
 from nuclick_wsi.workflows import qupath_project as qp
@@ -262,6 +261,10 @@ def test_cli_qupath_run_exit_status(two_images, tmp_path):
     bad = runner.invoke(main, ["qupath", "run", str(proj), "--weights", str(ckpt), "--force", "-q"])
     assert bad.exit_code == 1
     assert "1 segmented, 1 failed" in bad.output and f"FAILED {b.name}" in bad.output and "empty file" in bad.output
+    report = proj.parent / "nuclick" / "results" / f"{a.name}.report.json"
+    assert json.loads(report.read_text())["rerun"]["mode"] == "incremental"  # the same clicks: all reused
+    full = runner.invoke(main, ["qupath", "run", str(proj), "--weights", str(ckpt), "--force", "--full", "-q"])
+    assert full.exit_code == 1 and json.loads(report.read_text())["rerun"]["why_full"] == "--full"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""Benchmark an incremental rerun of `nuclick-wsi segment` against a from-scratch run.
+
+On a generated slide with 5,000 clicks (benchmarks/segment.py's slide: dark nuclei in clusters):
+
+1. from scratch: ``segment`` into OUT (CLI process, timed);
+2. edit the clicks: add 50, move 25 (by 2-5 px), delete 25, and shuffle the file;
+3. rerun ``segment`` into a copy of OUT (incremental; CLI process, timed);
+4. the reference: another copy of OUT, rerun with every click recomputed (``SegmentOptions.recompute``:
+   the from-scratch run with the same id table), and every output compared byte for byte with step 3's
+   (the report without its timings, rerun section and output paths).
+
+Steps 2-4 run once per kind of edit (``--edits``).
+
+Prints both times, the ratio, how many pieces were reused/recomputed and whether the bytes agree::
+
+    python benchmarks/incremental.py                  # 20000 x 15000, 5000 clicks 22 px apart, both kinds of edit
+    python benchmarks/incremental.py --spacing 60 --width 30000 --height 20000   # sparser nuclei
+
+Each edited click forces a recompute of every click whose patch (128 model px) holds it, so the share
+recomputed grows with the clicks' density and with how spread out the edits are (``--edits``:
+``spread``, at random over the slide, or ``local``, among the 250 clicks nearest one click).
+
+Measured 2026-11-30 (2 cores of an AMD EPYC, torch CPU capability AVX512, fp32, batch 64, QuPath
+GeoJSON only) on a machine shared with training runs and other jobs (load 3-5 on 2 cores), so the
+same run varied by up to 40 %; two measurements where there are two. Every rerun gave the
+reference's bytes (67 to 138 files: label chunks and pyramid, instance table, GeoJSON, rerun
+state, report without timings)::
+
+    nuclei apart  edits   recomputed   from scratch  rerun         ratio
+    22 px         spread  2188 / 5017  82.6 s        38.6 s        0.47
+    22 px         local    360 / 5017  82.6, 76.9 s  17.5, 8.4 s   0.21, 0.11
+    60 px         spread   566 / 5017  83.2, 77.8 s  17.7, 11.3 s  0.21, 0.15
+    60 px         local    270 / 5017  83.2, 77.8 s  14.0, 13.7 s  0.17, 0.18
+    120 px        spread   234 / 5017  87.0 s        14.7 s        0.17
+
+A rerun with nothing to recompute took 11.0 s under the heavier load (4.8 s in ``segment``, the rest
+starting Python and torch): that floor plus the recomputed clicks' inference (~11-25 ms each here)
+is the rerun. The 10 % target was met once, nearly (0.11, 360 clicks recomputed, lighter load), and
+not in the other runs: it holds where the recomputed share is small and the floor is small against
+the network's time (more clicks, a slower CPU, fewer or less crowded edits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from segment import _cpu, make_slide  # noqa: E402 - the benchmark slide of benchmarks/segment.py
+
+REFERENCE = """
+import sys
+from nuclick_wsi.pipeline import SegmentOptions, segment
+slide, points, out, precision, bs, formats = sys.argv[1:7]
+segment(slide, points, out, options=SegmentOptions(progress=False, device="cpu", precision=precision,
+        batch_size=int(bs), recompute=True, formats=tuple(formats.split(","))))
+"""
+
+
+def edit(pts: np.ndarray, rng: np.random.Generator, mode: str, spacing: float, add=50, move=25, delete=25):
+    """The edited clicks (shuffled) and how many of each edit."""
+    n = len(pts)
+    if mode == "local":
+        centre = pts[rng.integers(n)]
+        pool = np.argsort(np.hypot(*(pts - centre).T))[:250]
+    else:
+        pool = np.arange(n)
+    chosen = rng.choice(pool, move + delete + add, replace=False)
+    moved, deleted, beside = chosen[:move], chosen[move:move + delete], chosen[move + delete:]
+    out = pts.copy()
+    angle = rng.uniform(0, 2 * np.pi, move)
+    out[moved] += np.stack([np.cos(angle), np.sin(angle)], 1) * rng.uniform(2, 5, (move, 1))
+    added = pts[beside] + spacing / 2  # between nuclei: a click the first pass missed
+    out = np.concatenate([np.delete(out, deleted, axis=0), added])
+    return out[rng.permutation(len(out))]
+
+
+def cli(slide: Path, points: Path, out: Path, args) -> float:
+    cmd = [sys.executable, "-m", "nuclick_wsi.cli", "segment", str(slide), "--points", str(points), "-o", str(out),
+           "--quiet", "--device", "cpu", "--batch-size", str(args.batch_size), "--no-qc", "--precision", args.precision,
+           "--format", args.formats]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
+
+
+def digests(out: Path) -> dict[str, str]:
+    """sha256 per output file; the report's without timings, rerun section, device and output paths."""
+    hashes = {}
+    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+        data = p.read_bytes()
+        if p.name.endswith(".report.json"):
+            rep = json.loads(data)
+            for key in ("timings_s", "rerun", "outputs", "device"):
+                rep.pop(key, None)
+            data = json.dumps(rep, sort_keys=True).encode()
+        hashes[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def one_edit(slide: Path, first_out: Path, second: Path, work: Path, args) -> dict:
+    """Rerun a copy of the from-scratch outputs on the edited clicks; the reference; compare."""
+    out, ref = work / f"out-{second.stem}", work / f"reference-{second.stem}"
+    for d in (out, ref):
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(first_out, d)
+    t_incr = cli(slide, second, out, args)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", REFERENCE, str(slide), str(second), str(ref), args.precision,
+                    str(args.batch_size), args.formats], check=True)
+    t_ref = time.perf_counter() - t
+    a, b = digests(out), digests(ref)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    rep = json.loads((out / f"{slide.stem}.report.json").read_text())
+    return {"incremental_s": round(t_incr, 2), "reference_same_ids_s": round(t_ref, 2),
+            "rerun": {k: rep["rerun"][k] for k in ("mode", "why_full", "reused", "recomputed", "ids")},
+            "incremental_timings_s": rep["timings_s"], "files_compared": len(a), "identical_bytes": not differ,
+            "differ": differ[:10]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=20000)
+    ap.add_argument("--height", type=int, default=15000)
+    ap.add_argument("--clicks", type=int, default=5000)
+    ap.add_argument("--spacing", type=float, default=22.0, help="px between neighbouring nuclei in a cluster")
+    ap.add_argument("--edits", default="spread,local", help="comma-separated: spread, local (one rerun each)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--precision", default="fp32", help="fp32 (default: one precision for every run) or bf16")
+    ap.add_argument("--formats", default="qupath", help="segment --format (asap adds ~2 s per 1000 nuclei)")
+    ap.add_argument("--workdir", default=None, help="Keep the generated slide here (reused when present).")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="nuclick-incr-"))
+    work.mkdir(parents=True, exist_ok=True)
+    slide = work / f"incr-{args.width}x{args.height}-{args.clicks}-{args.spacing:g}.tif"
+    first = slide.with_suffix(".csv")
+    if not (slide.exists() and first.exists()):
+        np.savetxt(first, make_slide(slide, args.width, args.height, args.clicks, spacing=args.spacing),
+                   delimiter=",", fmt="%.2f")
+    pts = np.loadtxt(first, delimiter=",")
+    first_out = work / "from-scratch"
+    shutil.rmtree(first_out, ignore_errors=True)
+    t_full = cli(slide, first, first_out, args)
+    result = {"slide": f"{args.width} x {args.height}", "clicks": args.clicks, "spacing_px": args.spacing,
+              "formats": args.formats, "precision": args.precision, "cpu": _cpu(), "from_scratch_s": round(t_full, 2)}
+    for mode in args.edits.split(","):
+        second = work / f"edited-{mode}-{args.seed}.csv"
+        np.savetxt(second, edit(pts, np.random.default_rng(args.seed), mode, args.spacing), delimiter=",", fmt="%.2f")
+        got = one_edit(slide, first_out, second, work, args)
+        result[mode] = {"ratio": round(got["incremental_s"] / t_full, 4), **got}
+        print(json.dumps(result, indent=1), flush=True)
+    if not all(result[m]["identical_bytes"] for m in args.edits.split(",")):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

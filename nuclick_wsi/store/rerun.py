@@ -1,0 +1,155 @@
+"""What a rerun reads back: the id table and every click's piece, kept inside the label store.
+
+::
+
+    slide.labels.zarr/nuclick-rerun/
+      state.json   format, fingerprint of the run (slide, model, um/px, options), the id table, and per
+                   piece its signature, place, size, confidence and where its bytes lie in pieces.bin
+      pieces.bin   each piece's mask and seed (packed bits) and probabilities (float16), zlib-compressed
+      outlines.bin the traced outlines (WKB, zlib) of the final instance masks, by a hash of mask and place
+
+A piece is what the network and post-processing made of one click before stitching (a function of
+the click's patch alone), so a rerun stitches it again instead of recomputing it. The report of the
+run holds the SHA-256 of ``state.json`` and ``state.json`` that of ``pieces.bin``: a state that does
+not match the committed report it belongs to is never read back (:func:`read_state` raises).
+Both files are written in a fixed order, keys sorted, so the same run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "nuclick-wsi-rerun/1"
+FOLDER = "nuclick-rerun"
+
+
+@dataclass(frozen=True)
+class PackedPiece:
+    """One click's piece (level-0 crop before stitching), or the reason it gave none."""
+
+    x0: int = 0
+    y0: int = 0
+    h: int = 0
+    w: int = 0
+    confidence: float = 0.0
+    payload: bytes = b""  #: zlib(packbits(mask) + packbits(seed) + float16 prob)
+    reason: str | None = None
+
+    @classmethod
+    def pack(cls, x0: int, y0: int, mask: np.ndarray, prob: np.ndarray, seed: np.ndarray,
+             confidence: float) -> PackedPiece:
+        h, w = mask.shape
+        raw = (np.packbits(mask, axis=None).tobytes() + np.packbits(seed, axis=None).tobytes()
+               + np.ascontiguousarray(prob, np.float16).tobytes())
+        return cls(int(x0), int(y0), int(h), int(w), float(confidence), zlib.compress(raw, 6))
+
+    def unpack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mask, prob, seed), fresh arrays."""
+        n = self.h * self.w
+        nb = (n + 7) // 8
+        raw = zlib.decompress(self.payload)
+        if len(raw) != 2 * nb + 2 * n:
+            raise ValueError(f"piece of {self.h} x {self.w} px holds {len(raw)} bytes")
+        buf = np.frombuffer(raw, np.uint8)
+        mask = np.unpackbits(buf[:nb], count=n).astype(bool).reshape(self.h, self.w)
+        seed = np.unpackbits(buf[nb:2 * nb], count=n).astype(bool).reshape(self.h, self.w)
+        prob = np.frombuffer(raw[2 * nb:], np.float16).reshape(self.h, self.w).copy()
+        return mask, prob, seed
+
+
+@dataclass
+class RerunState:
+    """A run's fingerprint, id table (as JSON) and pieces by signature."""
+
+    fingerprint: dict[str, Any]
+    ids: dict[str, Any]
+    pieces: dict[str, PackedPiece]
+    outlines: dict[str, bytes] = field(default_factory=dict)  #: WKB by outline key
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_state(store: str | os.PathLike, state: RerunState) -> str:
+    """Write the state into label store folder ``store``; return the SHA-256 of ``state.json``."""
+    folder = Path(store) / FOLDER
+    folder.mkdir(exist_ok=True)
+    rows, blob, offset = [], bytearray(), 0
+    for sig in sorted(state.pieces):
+        p = state.pieces[sig]
+        if p.reason is not None:
+            rows.append([sig, p.reason])
+            continue
+        rows.append([sig, p.x0, p.y0, p.h, p.w, p.confidence, offset, len(p.payload)])
+        blob += p.payload
+        offset += len(p.payload)
+    blob = bytes(blob)
+    (folder / "pieces.bin").write_bytes(blob)
+    keys = sorted(state.outlines)
+    lines = bytes(zlib.compress(b"".join(state.outlines[k] for k in keys), 6))
+    (folder / "outlines.bin").write_bytes(lines)
+    doc = {"format": FORMAT, "fingerprint": state.fingerprint, "ids": state.ids,
+           "pieces": {"columns": ["signature", "x0", "y0", "h", "w", "confidence", "offset", "bytes"], "rows": rows},
+           "blob": {"bytes": len(blob), "sha256": sha256(blob)},
+           "outlines": {"keys": keys, "sizes": [len(state.outlines[k]) for k in keys], "bytes": len(lines),
+                        "sha256": sha256(lines)}}
+    text = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    (folder / "state.json").write_bytes(text)
+    return sha256(text)
+
+
+def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
+    """The state of label store ``store``, checked against the SHA-256 its run's report recorded.
+
+    Raises
+    ------
+    ValueError
+        Missing, altered, truncated or malformed state (the message says which).
+    """
+    folder = Path(store) / FOLDER
+    try:
+        text = (folder / "state.json").read_bytes()
+        blob = (folder / "pieces.bin").read_bytes()
+        lines = (folder / "outlines.bin").read_bytes()
+    except OSError as exc:
+        raise ValueError(f"no readable rerun state in {store} ({exc.strerror or exc})") from None
+    if sha256(text) != expected_sha256:
+        raise ValueError(f"{folder / 'state.json'} does not match its run's report")
+    try:
+        doc = json.loads(text)
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, not {FORMAT}")
+        if doc["blob"]["bytes"] != len(blob) or doc["blob"]["sha256"] != sha256(blob):
+            raise ValueError("pieces.bin does not match state.json")
+        pieces = {}
+        for row in doc["pieces"]["rows"]:
+            if len(row) == 2:
+                pieces[str(row[0])] = PackedPiece(reason=str(row[1]))
+                continue
+            sig, x0, y0, h, w, conf, off, n = row
+            if off < 0 or off + n > len(blob):
+                raise ValueError(f"piece {sig} lies outside pieces.bin")
+            pieces[str(sig)] = PackedPiece(int(x0), int(y0), int(h), int(w), float(conf), blob[off:off + n])
+        return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, _outlines(doc["outlines"], lines))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{folder / 'state.json'}: malformed ({exc})") from None
+
+
+def _outlines(index: dict[str, Any], data: bytes) -> dict[str, bytes]:
+    if index["bytes"] != len(data) or index["sha256"] != sha256(data):
+        raise ValueError("outlines.bin does not match state.json")
+    raw = zlib.decompress(data)
+    ends = np.cumsum(index["sizes"], dtype=np.int64)
+    if len(index["keys"]) != len(ends) or (len(ends) and ends[-1] != len(raw)):
+        raise ValueError("outlines.bin holds other outlines than state.json lists")
+    starts = ends - np.asarray(index["sizes"], np.int64)
+    return {str(k): raw[a:b] for k, a, b in zip(index["keys"], starts.tolist(), ends.tolist())}

@@ -1,0 +1,265 @@
+"""Incremental reruns through :func:`segment`: stable ids, only the touched clicks recomputed, and the
+outputs of a from-scratch run with the same id table, byte for byte.
+
+The network is :class:`tests.helpers.GuidedDiskNet` (fp32 convolutions over image and guidance), so a
+piece taken from the wrong patch, guidance or batch would show in the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import guided_model, write_tiff_slide
+from nuclick_wsi.engine.background import Timer
+from nuclick_wsi.engine.clicks import ClickStrategy
+from nuclick_wsi.engine.identity import IdTable
+from nuclick_wsi.io.annotations import read_prompts
+from nuclick_wsi.io.slides.registry import open_slide
+from nuclick_wsi.pipeline import Models, SegmentOptions, segment
+from nuclick_wsi.store.labels import open_labels
+from nuclick_wsi.store.rerun import FOLDER, read_state
+
+PATCH, HALF, BS = 128, 64, 16
+
+
+def run(slide, pts, out, model=None, **opts):
+    opts = {"progress": False, "device": "cpu", "precision": "fp32", "batch_size": BS,
+            "formats": ("qupath", "asap", "geoparquet"), **opts}
+    return segment(slide, pts, out, options=SegmentOptions(**opts), models=Models(nuclei=model or guided_model()))
+
+
+def grid_clicks(width, height, step=45.0, seed=0):
+    """Clicks on a jittered grid, two classes, positions to 0.01 px."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for y in np.arange(20, height - 20, step):
+        for x in np.arange(20, width - 20, step):
+            jx, jy = rng.uniform(-8, 8, 2)
+            out.append((round(x + jx, 2), round(y + jy, 2), "AB"[int(rng.integers(2))]))
+    return out
+
+
+def write(path: Path, clicks) -> Path:
+    path.write_text("x,y,class\n" + "".join(f"{x},{y},{c}\n" for x, y, c in clicks))
+    return path
+
+
+def outputs(out: Path) -> dict[str, str]:
+    """sha256 of every output; the report's without timings, device, rerun section and output paths."""
+    got = {}
+    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+        data = p.read_bytes()
+        if p.name.endswith(".report.json"):
+            rep = json.loads(data)
+            for key in ("timings_s", "device", "rerun", "outputs"):
+                rep.pop(key)
+            data = json.dumps(rep, sort_keys=True).encode()
+        got[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
+    return got
+
+
+def from_scratch_with_same_ids(before: Path, slide, pts, ref: Path, model=None) -> dict[str, str]:
+    """The outputs of a from-scratch run (every click recomputed) with the id table ``before`` held."""
+    shutil.copytree(before, ref)
+    r = run(slide, pts, ref, model, recompute=True)
+    assert r.report["rerun"]["reused"] == 0
+    return outputs(ref)
+
+
+def ids_by_click(report) -> dict[tuple, tuple]:
+    return {(r["x"], r["y"], r["class"]): (r["instance_id"], r.get("uuid")) for r in report["clicks"]}
+
+
+@pytest.fixture
+def case(tmp_path):
+    slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, 0.25)
+    clicks = grid_clicks(512, 384)
+    return slide, clicks, tmp_path
+
+
+def test_reordering_the_clicks_file_changes_nothing(case, monkeypatch):
+    import nuclick_wsi.engine.run as engine_run
+
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    first = run(slide, write(tmp / "a.csv", clicks), out)
+    before = outputs(out)
+    shuffled = [clicks[k] for k in np.random.default_rng(1).permutation(len(clicks))]
+    traced = []
+    real_trace = engine_run.trace_mask
+    monkeypatch.setattr(engine_run, "trace_mask", lambda *a: traced.append(1) or real_trace(*a))
+    again = run(slide, write(tmp / "b.csv", shuffled), out)
+    assert traced == []  # the same final masks: their outlines are the earlier run's
+    assert again.report["rerun"]["mode"] == "incremental"
+    assert again.report["rerun"]["recomputed"] == 0 and again.report["rerun"]["reused"] == len(clicks)
+    assert ids_by_click(again.report) == ids_by_click(first.report)
+    after = outputs(out)
+    for name in ("slide.geojson", "slide.xml", "slide.labels.zarr/0/0/0", "slide.labels.zarr/nuclick-rerun/pieces.bin"):
+        assert after[name] == before[name], name
+    # what names a click's place in the file follows the file (the report, instance table, GeoParquet)
+    assert after["slide.labels.zarr/instances.csv"] != before["slide.labels.zarr/instances.csv"]
+
+
+@pytest.mark.parametrize("slide_mpp", [0.25, 0.5])  # 0.5: the patches are resampled reads
+def test_inserting_a_click_keeps_every_other_id_and_uuid_and_equals_a_fresh_run(tmp_path, slide_mpp):
+    slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, slide_mpp)
+    clicks = grid_clicks(512, 384)
+    out = tmp_path / "out"
+    first = run(slide, write(tmp_path / "a.csv", clicks), out)
+    before = tmp_path / "before"
+    shutil.copytree(out, before)
+    new = (300.37, 190.12, "A")
+    edited = clicks[:20] + [new] + clicks[20:]
+    again = run(slide, write(tmp_path / "b.csv", edited), out)
+    old, now = ids_by_click(first.report), ids_by_click(again.report)
+    assert all(now[k] == v for k, v in old.items())
+    assert now[new][0] == len(clicks) + 1
+    rerun = again.report["rerun"]
+    assert rerun["mode"] == "incremental" and 0 < rerun["recomputed"] < len(clicks) // 2
+    assert rerun["ids"] == {"kept": len(clicks), "new": 1, "removed": 0, "next_id": len(clicks) + 2}
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, tmp_path / "b.csv", tmp_path / "ref")
+    labels = open_labels(out / "slide.labels.zarr")[:]
+    assert labels[math.floor(new[1]), math.floor(new[0])] == len(clicks) + 1
+
+
+def in_patch(of, at) -> bool:
+    """Whether level-0 point ``at`` lies in the patch of click ``of`` (scale 1), off its centre pixel."""
+    c = math.floor(at[0]) - math.floor(of[0]) + HALF
+    r = math.floor(at[1]) - math.floor(of[1]) + HALF
+    return 0 <= c < PATCH and 0 <= r < PATCH and (c, r) != (HALF, HALF)
+
+
+def test_a_moved_click_recomputes_its_neighbours_within_the_patch_reach_and_no_others(case):
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    run(slide, write(tmp / "a.csv", clicks), out)
+    before = tmp / "before"
+    shutil.copytree(out, before)
+    k = 37
+    old = clicks[k]
+    moved = (round(old[0] + 3.4, 2), round(old[1] - 2.2, 2), old[2])
+    edited = clicks[:k] + [moved] + clicks[k + 1:]
+    pts = write(tmp / "b.csv", edited)
+    expect = {j for j, c in enumerate(edited) if j == k or in_patch(c, old) or in_patch(c, moved)}
+    assert 3 < len(expect) < len(clicks) // 2
+    # which clicks the strategy sends to the network, given the earlier run's pieces
+    rep = json.loads((out / "slide.report.json").read_text())
+    state = read_state(out / "slide.labels.zarr", rep["rerun"]["state_sha256"])
+    prompts = read_prompts(pts)
+    labels, uuids, _ = IdTable.from_json(state.ids).assign(prompts.clicks, "slide")
+    src = open_slide(slide)
+    try:
+        s = ClickStrategy(src, prompts, 0.25, PATCH, 0.25, batch_size=BS, labels=labels, uuids=uuids,
+                          cache=state.pieces)
+        groups = list(s.batches(s.plan({}), Timer()))
+    finally:
+        src.close()
+    assert {item[0] for _, items in groups for item in items if item[4] is not None} == expect
+    assert all(b is None or b.shape[0] == BS for b, _ in groups)  # fixed-size batches, the last one padded
+    again = run(slide, pts, out)
+    assert again.report["rerun"]["recomputed"] == len(expect)
+    assert again.report["rerun"]["reused"] == len(clicks) - len(expect)
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, pts, tmp / "ref")
+
+
+def test_add_move_delete_at_once_equals_a_fresh_run_with_the_same_ids(case):
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    run(slide, write(tmp / "a.csv", clicks), out)
+    before = tmp / "before"
+    shutil.copytree(out, before)
+    rng = np.random.default_rng(3)
+    edited = [c for j, c in enumerate(clicks) if j % 17 != 5]  # delete
+    edited = [(round(x + 2.5, 2), y, c) if j % 23 == 0 else (x, y, c) for j, (x, y, c) in enumerate(edited)]  # move
+    edited += [(round(x + 20, 2), round(y + 21, 2), c) for x, y, c in clicks[3::29]]  # add, between the others
+    edited = [edited[j] for j in rng.permutation(len(edited))]
+    again = run(slide, write(tmp / "b.csv", edited), out)
+    assert again.report["rerun"]["mode"] == "incremental" and again.report["rerun"]["reused"] > 0
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, tmp / "b.csv", tmp / "ref")
+
+
+@pytest.mark.parametrize("change, why", [
+    ("weights", "model weights changed"),
+    ("mpp", "slide um/px changed"),
+    ("threshold", "thresholds changed"),
+    ("batch size", "batch size changed"),
+])
+def test_a_changed_model_um_per_px_or_threshold_forces_a_full_run(case, change, why):
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    pts = write(tmp / "a.csv", clicks)
+    first = run(slide, pts, out)
+    model, opts = guided_model(), {}
+    if change == "weights":
+        with torch.no_grad():
+            model.net.conv.bias.fill_(0.25)
+    elif change == "mpp":
+        opts["mpp"] = 0.26  # within the native tolerance: the same pixels, another um/px
+    elif change == "threshold":
+        model = guided_model(threshold=0.4)
+    else:
+        opts["batch_size"] = BS * 2
+    again = run(slide, pts, out, model, **opts)
+    assert again.report["rerun"]["mode"] == "full"
+    assert again.report["rerun"]["why_full"] == why
+    assert again.report["rerun"]["reused"] == 0 and again.report["rerun"]["recomputed"] == len(clicks)
+    assert ids_by_click(again.report).keys() == ids_by_click(first.report).keys()
+    assert all(v[0] == ids_by_click(first.report)[k][0] for k, v in ids_by_click(again.report).items())
+
+
+@pytest.mark.parametrize("damage", ["pieces.bin altered", "state.json truncated", "report missing",
+                                    "label store incomplete", "report of another run", "report of an older version",
+                                    "report truncated"])
+def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    run(slide, write(tmp / "a.csv", clicks), out)
+    state = out / "slide.labels.zarr" / FOLDER
+    if damage == "pieces.bin altered":
+        data = bytearray((state / "pieces.bin").read_bytes())
+        data[100] ^= 0xFF
+        (state / "pieces.bin").write_bytes(bytes(data))
+    elif damage == "state.json truncated":
+        (state / "state.json").write_bytes((state / "state.json").read_bytes()[:-40])
+    elif damage == "report missing":  # a run killed between its renames and the report
+        (out / "slide.report.json").unlink()
+    elif damage == "label store incomplete":
+        (out / "slide.labels.zarr" / ".zattrs").unlink()
+    elif damage == "report truncated":
+        (out / "slide.report.json").write_text((out / "slide.report.json").read_text()[:500])
+    else:
+        rep = json.loads((out / "slide.report.json").read_text())
+        if damage == "report of an older version":
+            del rep["rerun"]
+        else:
+            rep["rerun"]["state_sha256"] = "0" * 64
+        (out / "slide.report.json").write_text(json.dumps(rep))
+    shuffled = clicks[::-1]
+    again = run(slide, write(tmp / "b.csv", shuffled), out)
+    assert again.report["rerun"]["mode"] == "full" and again.report["rerun"]["reused"] == 0
+    why = again.report["rerun"]["why_full"]
+    assert why.startswith("earlier outputs not reusable: ") or why == "no earlier run in the output folder", why
+    # nothing of it is trusted, the id table neither: a fresh table in the new file's order
+    assert [r["instance_id"] for r in again.report["clicks"]] == list(range(1, len(clicks) + 1))
+    fresh = run(slide, tmp / "b.csv", tmp / "fresh", full=True)
+    assert fresh.report["rerun"]["why_full"] == "--full"
+    assert outputs(out) == outputs(tmp / "fresh")
+
+
+def test_full_starts_a_fresh_id_table(case, caplog):
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    run(slide, write(tmp / "a.csv", clicks), out)
+    with caplog.at_level("INFO", logger="nuclick_wsi"):
+        again = run(slide, write(tmp / "b.csv", clicks[::-1]), out, full=True)
+    assert [r.getMessage() for r in caplog.records] == ["full run: --full"]  # one log line says why
+    assert again.report["rerun"] == {**again.report["rerun"], "mode": "full", "why_full": "--full", "reused": 0}
+    assert [r["instance_id"] for r in again.report["clicks"]] == list(range(1, len(clicks) + 1))

@@ -1,0 +1,75 @@
+"""The rerun state inside a label store: pieces round-trip exactly; altered state is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nuclick_wsi.store.rerun import FOLDER, PackedPiece, RerunState, read_state, write_state
+
+
+def some_piece(seed=0, h=7, w=11):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) > 0.4
+    seed_mask = np.zeros((h, w), bool)
+    seed_mask[3, 5] = True
+    prob = rng.random((h, w)).astype(np.float16)
+    return mask, prob, seed_mask
+
+
+def test_a_piece_round_trips_bit_for_bit():
+    mask, prob, seed = some_piece()
+    p = PackedPiece.pack(-3, 1024, mask, prob, seed, 0.8123456789012345)
+    m2, p2, s2 = p.unpack()
+    assert p.x0 == -3 and p.y0 == 1024 and (p.h, p.w) == (7, 11) and p.confidence == 0.8123456789012345
+    np.testing.assert_array_equal(m2, mask)
+    np.testing.assert_array_equal(s2, seed)
+    assert p2.dtype == np.float16 and p2.tobytes() == prob.tobytes()
+    m2[0, 0] = not m2[0, 0]  # fresh arrays: the stitcher may change them
+    np.testing.assert_array_equal(p.unpack()[0], mask)
+
+
+def state():
+    pieces = {f"{k:032x}": PackedPiece.pack(k, 2 * k, *some_piece(k), 0.5 + k / 10) for k in range(4)}
+    pieces["f" * 32] = PackedPiece(reason="nothing segmented: below threshold")
+    outlines = {"9" * 32: b"\x01\x03polygon", "1" * 32: b"", "5" * 32: bytes(range(256))}
+    return RerunState({"mpp": 0.25, "model": {"weights_sha256": "ab"}}, {"next_id": 6, "rows": []}, pieces, outlines)
+
+
+def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    sha = write_state(tmp_path / "a", state())
+    assert write_state(tmp_path / "b", state()) == sha
+    for name in ("state.json", "pieces.bin"):
+        assert (tmp_path / "a" / FOLDER / name).read_bytes() == (tmp_path / "b" / FOLDER / name).read_bytes()
+    back = read_state(tmp_path / "a", sha)
+    want = state()
+    assert back.fingerprint == want.fingerprint and back.ids == want.ids
+    assert back.pieces == want.pieces and back.outlines == want.outlines
+
+
+@pytest.mark.parametrize("damage", ["flip a byte of pieces.bin", "truncate pieces.bin", "edit state.json",
+                                    "flip a byte of outlines.bin",
+                                    "remove state.json", "another run's report"])
+def test_altered_or_missing_state_is_refused(tmp_path, damage):
+    sha = write_state(tmp_path, state())
+    folder = tmp_path / FOLDER
+    if damage == "flip a byte of pieces.bin":
+        data = bytearray((folder / "pieces.bin").read_bytes())
+        data[len(data) // 2] ^= 1
+        (folder / "pieces.bin").write_bytes(bytes(data))
+    elif damage == "flip a byte of outlines.bin":
+        data = bytearray((folder / "outlines.bin").read_bytes())
+        data[-3] ^= 1
+        (folder / "outlines.bin").write_bytes(bytes(data))
+    elif damage == "truncate pieces.bin":
+        (folder / "pieces.bin").write_bytes((folder / "pieces.bin").read_bytes()[:-5])
+    elif damage == "edit state.json":
+        (folder / "state.json").write_text((folder / "state.json").read_text().replace("0.25", "0.26"))
+    elif damage == "remove state.json":
+        (folder / "state.json").unlink()
+    else:
+        sha = "0" * 64
+    with pytest.raises(ValueError):
+        read_state(tmp_path, sha)
