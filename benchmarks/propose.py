@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 TEST_TILES = ["TCGA-21-5786-01Z-00-DX1", "TCGA-AR-A1AS-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1", "TCGA-G9-6362-01Z-00-DX1"]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg-train"
+#: MoNuSeg beside the repository (../shared/data), or $NUCLICK_SHARED_DATA; --data overrides
+DATA = Path(os.environ.get("NUCLICK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "monuseg-train"
 GRID = 24  #: generated nuclei: one per GRID x GRID cell
 
 
@@ -92,25 +93,25 @@ def run_child(slide: Path, out: Path, weights: str | None) -> dict:
     return {**summary, "process_wall_s": round(wall, 2), "peak_rss_gib": round(max(rss, before) / 2 ** 20, 3)}
 
 
-def section_f1(detector) -> dict:
+def section_f1(detector, data: Path) -> dict:
     from nuclick_wsi.evaluation.detection import evaluate_proposals
     from nuclick_wsi.evaluation.protocol import load_eval_tiles
 
-    tiles = load_eval_tiles([str(DATA)], TEST_TILES)
+    tiles = load_eval_tiles([str(data)], TEST_TILES)
     return {f"{'40x' if s == 1 else '20x'}": evaluate_proposals(tiles, detector, scale=s) for s in (1.0, 0.5)}
 
 
-def section_aji(detector) -> dict:
+def section_aji(detector, data: Path) -> dict:
     from nuclick_wsi.evaluation.detection import propose_then_segment
     from nuclick_wsi.evaluation.protocol import load_eval_tiles
     from nuclick_wsi.model.weights import load_model
 
-    tiles = load_eval_tiles([str(DATA)], TEST_TILES)
+    tiles = load_eval_tiles([str(data)], TEST_TILES)
     return {f"{'40x' if s == 1 else '20x'}": propose_then_segment(tiles, detector, load_model(None), scale=s)
             for s in (1.0, 0.5)}
 
 
-def section_loop(detector, work: Path, minutes: float) -> dict:
+def section_loop(detector, data: Path, work: Path, minutes: float) -> dict:
     """Fine-tune from clicks only (ground-truth centroids) on two held-out tiles; score the other two."""
     from nuclick_wsi.evaluation.detection import evaluate_proposals
     from nuclick_wsi.evaluation.protocol import load_eval_tiles
@@ -118,10 +119,10 @@ def section_loop(detector, work: Path, minutes: float) -> dict:
     from nuclick_wsi.training.detect import DetectConfig, train_detector
     from nuclick_wsi.training.detect_data import DetectionItem
 
-    tiles = load_eval_tiles([str(DATA)], TEST_TILES)
+    tiles = load_eval_tiles([str(data)], TEST_TILES)
     tune, score = tiles[:2], tiles[2:]
     items = [DetectionItem(t.name, t.image, np.asarray(list(t.centroids.values())) + 0.5, t.mpp or 0.25) for t in tune]
-    cfg = DetectConfig(data=[], output=str(work / "tuned.pt"), init="default", epochs=100, samples_per_epoch=128,
+    cfg = DetectConfig(data=[], output=str(work / "tuned.pt"), init=detector.source, epochs=100, samples_per_epoch=128,
                        lr=5e-4, max_minutes=minutes, val=["none"])
     t = time.time()
     train_detector(cfg, items, [], progress=False, log=lambda m: None)
@@ -141,7 +142,9 @@ def main() -> None:
     ap.add_argument("--rss-side", type=int, default=100000, help="Side of the large slide (px).")
     ap.add_argument("--loop-minutes", type=float, default=3.0)
     ap.add_argument("--workdir", default=None, help="Keep generated slides here (reused when present).")
+    ap.add_argument("--data", type=Path, default=DATA, help="MoNuSeg training folder (images/, annotations/).")
     args = ap.parse_args()
+
     import torch
 
     from nuclick_wsi.model.weights import load_model
@@ -155,11 +158,11 @@ def main() -> None:
     for name in args.section:
         t = time.time()
         if name == "f1":
-            out["f1"] = section_f1(detector)
+            out["f1"] = section_f1(detector, args.data)
         elif name == "aji":
-            out["aji"] = section_aji(detector)
+            out["aji"] = section_aji(detector, args.data)
         elif name == "loop":
-            out["loop"] = section_loop(detector, work, args.loop_minutes)
+            out["loop"] = section_loop(detector, args.data, work, args.loop_minutes)
         else:
             side = args.speed_side if name == "speed" else args.rss_side
             islands = ([(0, 0, side, side)] if name == "speed" else

@@ -4,8 +4,8 @@ Tiles are ``tile`` detector pixels square and overlap by ``overlap`` on each sid
 *cores* (the tile less its overlap, reaching the slide edge at the borders) partition the slide, and
 a tile keeps only the peaks inside its core, so a point is proposed by exactly one tile. A nucleus
 cut by a seam may still peak on both sides of it; distance NMS over all proposals (radius: the
-detector's ``min_distance_um``) leaves one. Only tiles whose core touches tissue (and the ``roi``
-areas, when given) are read; memory holds a few tiles and the points found.
+detector's ``min_distance_um``) leaves one. Only tiles whose core touches tissue (or, when given, the
+``roi`` areas instead) are read; memory holds a few tiles and the points found.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,8 +111,8 @@ def tiles_to_run(grid: TileGrid, tissue: TissueMask | None, roi: Any = None) -> 
 
 
 def detect_slide(slide: SlideSource, model: LoadedModel, slide_mpp: float, *, options: DetectOptions | None = None,
-                 roi: Any = None, predictor_choice=None) -> Detections:
-    """Proposals of ``model`` (a detector) over the tissue of ``slide`` (or inside ``roi``, shapely, level-0)."""
+                 roi: Any = None) -> Detections:
+    """Proposals of ``model`` (a detector) over the tissue of ``slide``, or inside ``roi`` (shapely, level-0)."""
     from shapely import make_valid
     from shapely.prepared import prep
 
@@ -123,16 +124,18 @@ def detect_slide(slide: SlideSource, model: LoadedModel, slide_mpp: float, *, op
     timer = Timer()
     device = resolve_device(opts.device)
     net = model.net.to(device).eval().to(memory_format=torch.channels_last)
-    choice = predictor_choice or choose_precision(net, device, opts.precision, patch_size=opts.tile,
-                                                  arch_key=(model.arch, model.arch_args), in_channels=3)
+    choice = choose_precision(net, device, opts.precision, patch_size=opts.tile, arch_key=(model.arch, model.arch_args),
+                              in_channels=3)
     post = model.postprocess
     threshold = float(opts.threshold if opts.threshold is not None else post["threshold"])
     factor = model.mpp / slide_mpp  # level-0 pixels per detector pixel
     grid = TileGrid(math.ceil(slide.width / factor), math.ceil(slide.height / factor), opts.tile, opts.overlap, factor)
-    t = time.perf_counter()
-    tissue = tissue_mask(slide, slide_mpp, opts.mask_mpp)
-    timer.add("read", time.perf_counter() - t)
     area = prep(make_valid(roi)) if roi is not None else None
+    tissue = None
+    if area is None:  # the ROI, when given, replaces the tissue mask: the user said where to look
+        t = time.perf_counter()
+        tissue = tissue_mask(slide, slide_mpp, opts.mask_mpp)
+        timer.add("read", time.perf_counter() - t)
     todo = tiles_to_run(grid, tissue, area)
     min_d = max(int(round(float(post.get("min_distance_um", 2.0)) / (model.mpp * STRIDE))), 1)
     xs, ss = [], []
@@ -140,8 +143,7 @@ def detect_slide(slide: SlideSource, model: LoadedModel, slide_mpp: float, *, op
     if opts.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"propose {slide.path.name if hasattr(slide.path, 'name') else slide.path}",
-                   unit="tiles")
+        bar = tqdm(total=len(todo), desc=f"propose {Path(slide.path).name}", unit="tiles")
     try:
         for batch in background(_read_batches(slide, grid, todo, opts.batch_size, timer), depth=2):
             t = time.perf_counter()
@@ -166,26 +168,21 @@ def detect_slide(slide: SlideSource, model: LoadedModel, slide_mpp: float, *, op
     sc = np.concatenate(ss) if ss else np.zeros(0)
     keep = nms_points(xy, sc, float(post.get("min_distance_um", 2.0)) / slide_mpp)
     xy, sc = xy[keep], sc[keep]
-    tissue_px0 = tissue.area_px0()
-    if area is not None:
-        xy, sc, tissue_px0 = _inside_roi(xy, sc, roi, tissue)
+    if area is None:
+        tissue_px0 = tissue.area_px0()
+    else:
+        xy, sc, tissue_px0 = _inside_roi(xy, sc, roi, slide)
     return Detections(xy, sc, len(todo), tissue_px0, threshold, choice.name, timer, time.perf_counter() - t0)
 
 
-def _inside_roi(xy: np.ndarray, sc: np.ndarray, roi: Any, tissue: TissueMask) -> tuple[np.ndarray, np.ndarray, float]:
-    """Proposals covered by the ROI (its edge counts as inside), and the tissue area inside it."""
+def _inside_roi(xy: np.ndarray, sc: np.ndarray, roi: Any, slide: SlideSource) -> tuple[np.ndarray, np.ndarray, float]:
+    """Proposals the ROI covers (its edge counts as inside), and the ROI's area on the slide (level-0 px)."""
     import shapely
+    from shapely.geometry import box
 
     geom = shapely.make_valid(roi)
     inside = shapely.covers(geom, shapely.points(xy)) if len(xy) else np.zeros(0, bool)
-    ds = tissue.downsample
-    bx0, by0, bx1, by1 = geom.bounds
-    rr, cc = np.nonzero(tissue.mask[max(int(by0 // ds), 0):int(by1 // ds) + 1, max(int(bx0 // ds), 0):int(bx1 // ds) + 1])
-    rr, cc = rr + max(int(by0 // ds), 0), cc + max(int(bx0 // ds), 0)
-    area = 0.0
-    if len(rr):  # tissue pixels whose centre the ROI covers
-        area = float(shapely.covers(geom, shapely.points(np.stack([(cc + 0.5) * ds, (rr + 0.5) * ds], 1))).sum()) * ds ** 2
-    return xy[inside], sc[inside], area
+    return xy[inside], sc[inside], float(geom.intersection(box(0, 0, slide.width, slide.height)).area)
 
 
 def _read_batches(slide: SlideSource, grid: TileGrid, todo: list[tuple[int, int]], batch_size: int,

@@ -63,6 +63,11 @@ class DetectConfig:
     init: str | None = None  #: "default" (the embedded detector) or a checkpoint
     task: str = "detect"
 
+    def __post_init__(self) -> None:
+        side = 2 ** len(self.widths)  # the 2x2 fold, then len(widths) - 1 poolings
+        if self.patch_size % side:
+            raise NuclickError(f"--patch-size {self.patch_size}: the detector needs a multiple of {side}")
+
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss (alpha 2, beta 4), per point, zero where ``weight`` is 0."""

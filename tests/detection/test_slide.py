@@ -70,7 +70,14 @@ def test_roi_limits_tiles_and_proposals(tmp_path):
     assert len(everything.xy) == 4
     assert len(inside.xy) == 2 and (inside.xy[:, 0] < 800).all()
     assert inside.tiles < everything.tiles
-    assert inside.tissue_px0 == pytest.approx(everything.tissue_px0 / 2, rel=0.1)
+    assert inside.tissue_px0 == pytest.approx(800 * 1200)  # the ROI replaces the tissue mask
+
+
+def test_roi_replaces_the_tissue_mask(tmp_path):
+    """Areas the user drew are searched even where the tissue mask sees glass (pale tissue)."""
+    spots = [(300, 300), (1200, 900)]
+    found = run(tmp_path, spots, tissue=[(1000, 700, 1500, 1100)], roi=box(100, 100, 600, 600))
+    assert len(found.xy) == 1 and abs(found.xy[0, 0] - 300) < 3
 
 
 def test_only_tissue_tiles_are_read(tmp_path):
