@@ -68,3 +68,34 @@ def test_warm_start_from_a_nuclick_model_is_refused(tmp_path):
 
     with pytest.raises(NuclickError, match="cannot start a detector"):
         detector_network(cfg, print)
+
+
+def test_train_cli_on_images_with_click_files(tmp_path):
+    """A folder of images, each with a QuPath file of clicks (its area annotation: where every nucleus is clicked)."""
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from nuclick_wsi.cli.main import main
+    from nuclick_wsi.training.detect_data import load_detection_items
+
+    for item in spot_items(2):
+        Image.fromarray(item.image).save(tmp_path / f"{item.name}.png")
+        feats = [{"type": "Feature", "properties": {"objectType": "annotation"},
+                  "geometry": {"type": "Point", "coordinates": [float(x), float(y)]}} for x, y in item.points]
+        feats.append({"type": "Feature", "properties": {"objectType": "annotation"},
+                      "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [128, 0], [128, 256], [0, 256], [0, 0]]]}})
+        (tmp_path / f"{item.name}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    items = load_detection_items([str(tmp_path)], log=lambda m: None)
+    assert [len(i.points) for i in items] == [25, 25]
+    assert items[0].valid[:, :127].all() and not items[0].valid[:, 129:].any()
+    r = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "d.pt"), "--task", "detect", "--epochs",
+                                  "1", "--samples-per-epoch", "8", "--batch-size", "4", "--patch-size", "64",
+                                  "--widths", "8,16,32", "--device", "cpu", "--precision", "fp32", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "best validation F1" in r.output
+    assert load_model(tmp_path / "d.pt", task="detect").metadata["training"]["val_images"] == ["img1"]
+    r = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "e.pt"), "--task", "detect",
+                                  "--patch-size", "72"])
+    assert r.exit_code == 1 and "multiple of" in r.output
