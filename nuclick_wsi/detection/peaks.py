@@ -42,21 +42,31 @@ def heatmap_peaks(prob: np.ndarray, threshold: float, *, min_distance: int = 2, 
 
 
 def nms_points(xy: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
-    """Indices of the points kept by greedy distance NMS: highest score first, none within ``radius``."""
+    """Indices of the points kept by greedy distance NMS: highest score first, none within ``radius``.
+
+    Only the points that have a neighbour within ``radius`` (found at once by a k-d tree: on a slide
+    these are the few pairs across tile seams) go through the greedy loop.
+    """
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     order = np.lexsort((xy[:, 1], xy[:, 0], -np.asarray(scores)))  # ties broken by position: deterministic
     if radius <= 0 or len(xy) < 2:
         return order
-    tree = cKDTree(xy)
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    if not len(pairs):
+        return order
+    neighbours: dict[int, list[int]] = {}
+    for a, b in pairs.tolist():
+        neighbours.setdefault(a, []).append(b)
+        neighbours.setdefault(b, []).append(a)
     dead = np.zeros(len(xy), bool)
     keep = []
-    for i in order:
+    for i in order.tolist():
         if dead[i]:
             continue
         keep.append(i)
-        dead[tree.query_ball_point(xy[i], radius)] = True
+        dead[neighbours.get(i, [])] = True
     return np.asarray(keep, np.int64)
 
 
