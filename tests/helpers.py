@@ -418,3 +418,48 @@ def roi_file(path: Path, *geoms) -> Path:
               "properties": {"objectType": "annotation"}} for g in geoms]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     return path
+
+
+# proposal detector stand-ins
+
+
+class SpotNet(nn.Module):
+    """A stand-in proposal detector: a heatmap peak (stride 2) at the centre of each small dark spot.
+
+    Darkness (RGB mean below 0.6) is pooled 2x2 and blurred by a Gaussian of 2 heatmap pixels, so a
+    spot smaller than the blur gives one maximum, at its centre.
+    """
+
+    widths = (16, 32, 64, 128)
+
+    def __init__(self) -> None:
+        super().__init__()
+        k = torch.arange(-4, 5, dtype=torch.float32)
+        g = torch.exp(-(k[:, None] ** 2 + k[None] ** 2) / 8.0)
+        self.register_buffer("kernel", (g / g.sum())[None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dark = torch.relu(0.6 - x[:, :3].mean(dim=1, keepdim=True))
+        h = torch.nn.functional.avg_pool2d(dark, 2)
+        return 80.0 * (torch.nn.functional.conv2d(h, self.kernel, padding=4) - 0.03)
+
+
+def spot_detector(mpp: float = 0.5, threshold: float = 0.5) -> LoadedModel:
+    """A LoadedModel (task "detect") around :class:`SpotNet`."""
+    meta = {"mpp": mpp, "patch_size": 256, "task": "detect",
+            "postprocess": {"threshold": threshold, "min_distance_um": 2.0}}
+    return LoadedModel(net=SpotNet().eval(), arch="test-spot", arch_args={}, metadata=meta, source="test:spot")
+
+
+def spot_slide_rgb(width: int, height: int, spots, *, tissue=None, radius: float = 7.0) -> np.ndarray:
+    """A white slide with pink tissue rectangles ``tissue`` [(x0, y0, x1, y1)] and dark spots at ``spots`` (x, y)."""
+    rgb = np.full((height, width, 3), 250, np.uint8)
+    for x0, y0, x1, y1 in tissue if tissue is not None else [(0, 0, width, height)]:
+        rgb[y0:y1, x0:x1] = (235, 190, 215)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for x, y in spots:
+        r0, r1 = max(int(y - radius - 1), 0), min(int(y + radius + 2), height)
+        c0, c1 = max(int(x - radius - 1), 0), min(int(x + radius + 2), width)
+        m = (xx[r0:r1, c0:c1] + 0.5 - x) ** 2 + (yy[r0:r1, c0:c1] + 0.5 - y) ** 2 <= radius ** 2
+        rgb[r0:r1, c0:c1][m] = (90, 50, 140)
+    return rgb

@@ -18,8 +18,8 @@ LAYERS = [
     ["workflows"],
     ["training"],
     ["evaluation"],
-    ["pipeline"],
-    ["engine"],
+    ["pipeline", "proposals"],  # proposals: the propose command's top level, beside segment's
+    ["engine", "detection"],  # detection: the proposal detector over slides, an engine like the prompt runs
     ["guidance", "postprocess", "store", "outputs", "qc"],
     ["model"],
     ["io"],

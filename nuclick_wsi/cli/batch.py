@@ -32,6 +32,10 @@ from nuclick_wsi.cli.common import fail_cleanly, full_option, model_options, out
 @click.option("--summary-only", is_flag=True,
               help="Run nothing: write OUT/batch-summary.csv from what is there; exit 1 unless every row is complete.")
 @click.option("--dry-run", "-n", is_flag=True, help="Check the manifest and show what would run; write nothing.")
+@click.option("--propose", is_flag=True,
+              help="Instead of segmenting: proposed clicks for every row's slide into OUT/proposals/<stem>.proposals.geojson "
+                   "(nuclick-wsi propose; the points column is not read).")
+@click.option("--detector-weights", default=None, help="With --propose: detector checkpoint (default: the embedded one).")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the summary table.")
 @qc_option()
 @full_option()
@@ -40,7 +44,8 @@ from nuclick_wsi.cli.common import fail_cleanly, full_option, model_options, out
 @fail_cleanly
 def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, only, task_index,
           rows_per_task, wait, stale_lock_after, slides_in_flight, gland_weights, no_summary, summary_only, dry_run, quiet, mpp,
-          bounds_offset, reader, ngff, weights, device, batch_size, precision, qc=True, tta=False, runtime="auto", full=False) -> None:
+          bounds_offset, reader, ngff, weights, device, batch_size, precision, qc=True, tta=False, runtime="auto", full=False,
+          propose=False, detector_weights=None) -> None:
     """Segment every row of MANIFEST (CSV: slide,points[,mpp,weights,stem]) into OUT/<stem>.*.
 
     Every row is checked before any work starts. Slides whose outputs are complete are skipped, so a
@@ -58,6 +63,10 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
         raise click.ClickException(str(exc)) from None
     if man.ignored_columns and not quiet:
         click.echo(f"{manifest}: ignoring column(s) {', '.join(man.ignored_columns)}", err=True)
+    if propose:
+        return _propose(man, out_dir, detector_weights, only=only, task_index=task_index, rows_per_task=rows_per_task,
+                        mpp=mpp, bounds_offset=bounds_offset, reader=reader, device=device, precision=precision,
+                        quiet=quiet)
     seg = SegmentOptions(formats=formats, object_type=object_type, mpp=mpp, bounds_offset=bounds_offset, reader=reader,
                          device=device, precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, gzip=gzip, progress=False, ngff=ngff, qc=qc,
                          full=full)
@@ -112,3 +121,20 @@ def manifest_cmd(project, output, slide_dir) -> None:
         raise click.ClickException(f"{project}: no image has exported clicks (run workflows/qupath/export_clicks.groovy)")
     write_manifest(output, rows)
     click.echo(f"{output}: {len(rows)} row(s)" + (f"; {len(notes)} note(s) above" if notes else ""), err=True)
+
+
+def _propose(man, out_dir, detector_weights, *, only, task_index, rows_per_task, quiet, **opts) -> None:
+    """``batch --propose``: one line per row, exit status 1 if a row failed."""
+    from nuclick_wsi.detection.slide import DetectOptions
+    from nuclick_wsi.proposals import ProposeOptions
+    from nuclick_wsi.workflows.cohort.propose import run_propose_batch
+
+    options = ProposeOptions(detect=DetectOptions(device=opts.pop("device"), precision=opts.pop("precision"),
+                                                  progress=False), **opts)
+    rows = run_propose_batch(man, out_dir, options, weights=detector_weights, only=only, task_index=task_index,
+                             rows_per_task=rows_per_task,
+                             log=None if quiet else (lambda line: click.echo(line, err=True)))
+    for r in rows:
+        click.echo(f"{r.stem}\t{r.status}\t{'' if r.proposals is None else r.proposals}\t{r.error}".rstrip())
+    if any(r.status == "failed" for r in rows):
+        sys.exit(1)

@@ -83,8 +83,8 @@ def full_option():
                              "recomputes only the clicks an edit of the clicks file can change.")
 
 
-def slide_options(fn):
-    """Options shared by the commands that read slides (and write label stores)."""
+def slide_read_options(fn):
+    """Options shared by the commands that read slides: --mpp, --bounds-offset, --reader."""
     return _apply(fn, [
         click.option("--mpp", type=float, default=None, callback=check_mpp,
                      help="Level-0 um/px of the slide; overrides the file's value."),
@@ -93,6 +93,12 @@ def slide_options(fn):
                           "--no-bounds-offset for projects that opened slides uncropped."),
         click.option("--reader", type=click.Choice(["auto", "openslide", "tifffile", "pillow", "tiatoolbox"]),
                      default="auto", show_default=True, help="Slide reader."),
+    ])
+
+
+def slide_options(fn):
+    """Options shared by the commands that read slides and write label stores."""
+    return _apply(slide_read_options(fn), [
         click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.4", show_default=True,
                      help="Label stores: OME-NGFF 0.4 in zarr v2 (QuPath 0.6 reads it) or 0.5 in zarr v3."),
     ])

@@ -8,6 +8,7 @@ from nuclick_wsi import __version__
 from nuclick_wsi.cli.batch import batch, manifest_cmd
 from nuclick_wsi.cli.evaluate import evaluate
 from nuclick_wsi.cli.export import export_training_cmd
+from nuclick_wsi.cli.propose import propose
 from nuclick_wsi.cli.qupath import qupath
 from nuclick_wsi.cli.report import report_cmd
 from nuclick_wsi.cli.segment import segment
@@ -20,7 +21,7 @@ def main() -> None:
     """NuClick on whole-slide images: clicks in QuPath/ASAP -> nucleus outlines."""
 
 
-for command in (segment, train, export_training_cmd, evaluate, qupath, batch, manifest_cmd, report_cmd):
+for command in (segment, propose, train, export_training_cmd, evaluate, qupath, batch, manifest_cmd, report_cmd):
     main.add_command(command)
 
 

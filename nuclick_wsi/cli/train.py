@@ -14,7 +14,8 @@ from nuclick_wsi.errors import NuclickError
 @click.argument("data", nargs=-1, required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write (best on validation); OUTPUT.last.pt holds the resumable state.")
-@click.option("--task", type=click.Choice(["nuclei", "gland"]), default="nuclei", show_default=True)
+@click.option("--task", type=click.Choice(["nuclei", "gland", "detect"]), default="nuclei", show_default=True,
+              help="detect: the proposal detector (centre heatmaps from nucleus points; README: Proposals).")
 @click.option("--arch", type=click.Choice(["s2d-unet", "light-unet", "nuclick"]), default=None,
               help="Default: s2d-unet (nuclei), light-unet (gland).")
 @click.option("--widths", default="16,32,64,128", show_default=True, help="s2d-unet / light-unet encoder widths.")
@@ -30,7 +31,8 @@ from nuclick_wsi.errors import NuclickError
 @click.option("--patch-size", type=click.IntRange(min=16), default=None, help="Default: 128 (nuclei), 512 (gland).")
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.25, show_default=True,
-              help="um/px the model works at (the training images' resolution).")
+              help="um/px the model works at (the training images' resolution); --task detect: um/px of images "
+                   "whose files do not say (the detector works at 0.5).")
 @click.option("--val", "val_tiles", default="",
               help="Comma-separated image names held out for validation; 'none' trains on every image and keeps "
                    "the newest epoch (default: the last outlined image).")
@@ -73,12 +75,36 @@ def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_siz
     pairs = [{"slide": str(s), "annotations": str(a), "roi": str(rois[k]) if rois else None, "mpp": slide_mpp}
              for k, (s, a) in enumerate(zip(slides, annotations))]
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    if task == "detect":
+        if slides:
+            raise NuclickError("--task detect learns from DATA folders (images with outlines or QuPath click files); "
+                               "--slide/--annotations pairs train the NuClick model")
+        return _train_detector(data, output, arch, loss, widths=[int(w) for w in split(widths)], epochs=epochs,
+                               samples_per_epoch=samples_per_epoch, batch_size=batch_size, patch_size=patch_size,
+                               lr=lr, image_mpp=mpp, device=device, seed=seed, val=split(val_tiles),
+                               exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks,
+                               precision=precision, init=init, progress=not quiet, log=log)
     cfg = TrainConfig(data=[str(d) for d in data], output=str(output), task=task, arch=arch,
                       widths=[int(w) for w in split(widths)], epochs=epochs, samples_per_epoch=samples_per_epoch,
                       batch_size=batch_size, patch_size=patch_size, lr=lr, mpp=mpp, device=device, seed=seed,
                       val=split(val_tiles),
                       exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks,
                       loss=loss, precision=precision, init=init, slides=pairs)
-    result = run_train(cfg, progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+    result = run_train(cfg, progress=not quiet, log=log)
     best = result["best_val_iou"]
     click.echo(f"best validation IoU {best:.4f}; weights in {output}" if best >= 0 else f"weights in {output}")
+
+
+def _train_detector(data, output, arch, loss, *, progress: bool, log, **opts) -> None:
+    """``--task detect``: the proposal detector's loop (training/detect.py); unset options keep its defaults."""
+    from nuclick_wsi.errors import NuclickError
+    from nuclick_wsi.training.detect import DetectConfig, train_detector
+
+    if arch or loss:
+        raise NuclickError("--arch and --loss are NuClick options; --task detect trains the s2d-detector")
+    cfg = DetectConfig(data=[str(d) for d in data], output=str(output),
+                       **{k: v for k, v in opts.items() if v is not None})
+    result = train_detector(cfg, progress=progress, log=log)
+    best = result["best_val_f1"]
+    click.echo(f"best validation F1 {best:.4f}; weights in {output}" if best >= 0 else f"weights in {output}")

@@ -29,12 +29,15 @@ from nuclick_wsi.errors import ModelError
 
 FORMAT = "nuclick-wsi/1"
 DEFAULT_WEIGHTS = "default-nuclei.pt"
+#: the embedded default of each task that has one (the proposal detector: nuclick_wsi/model/DETECTOR_CARD.md)
+DEFAULT_FILES = {"nuclei": DEFAULT_WEIGHTS, "detect": "default-detector.pt"}
 
 #: post-processing defaults per task (the NuClick authors' code: threshold, min object px, min hole px)
 POSTPROCESS_DEFAULTS: dict[str, dict[str, float]] = {
     "nuclei": {"threshold": 0.5, "min_object_px": 10, "min_hole_px": 30},
     "cells": {"threshold": 0.8, "min_object_px": 100, "min_hole_px": 100},
     "gland": {"threshold": 0.3, "min_object_px": 1000, "min_hole_px": 1000},
+    "detect": {"threshold": 0.4, "min_distance_um": 2.0},  # heatmap peak cut, peaks closer than this merge
 }
 PATCH_DEFAULTS = {"nuclei": 128, "cells": 256, "gland": 512}
 
@@ -83,6 +86,10 @@ def build_network(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Modu
         from nuclick_wsi.model.architectures.s2d_unet import S2DUNet
 
         return S2DUNet(**arch_args)
+    if arch == "s2d-detector":  # the proposal detector (model/architectures/detector.py)
+        from nuclick_wsi.model.architectures.detector import S2DDetector
+
+        return S2DDetector(**arch_args)
     if arch == "tia-light-unet":  # TIAToolbox's nuclick_light-pannuke layout (model/architectures/tia_unet.py)
         from nuclick_wsi.model.architectures.tia_unet import TiaLightUNet
 
@@ -95,7 +102,7 @@ def build_network(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Modu
         from nuclick_wsi.model.architectures.monai_basicunet import MonaiNuclickUNet
 
         return MonaiNuclickUNet(**arch_args)
-    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, s2d-unet, nuclick, tia-light-unet, "
+    raise ModelError(f"unknown architecture {arch!r} (known: light-unet, s2d-unet, s2d-detector, nuclick, tia-light-unet, "
                      "nuclick-torch-unet, monai-nuclick-basicunet)")
 
 
@@ -123,9 +130,9 @@ def weights_sha256(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def default_weights_path() -> Path:
-    """Path of the embedded default nucleus model."""
-    return Path(str(resources.files("nuclick_wsi.model").joinpath(DEFAULT_WEIGHTS)))
+def default_weights_path(task: str = "nuclei") -> Path:
+    """Path of the embedded default model of ``task`` (the nucleus model, or the proposal detector)."""
+    return Path(str(resources.files("nuclick_wsi.model").joinpath(DEFAULT_FILES[task])))
 
 
 def _looks_tiatoolbox(sd: dict[str, Any]) -> bool:
@@ -156,12 +163,12 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
         The file is missing or unreadable, is not a checkpoint, or its tensors do not fit the network.
     """
     if weights is None:
-        if task != "nuclei":
+        if task not in DEFAULT_FILES:
             raise ModelError(
                 f"no default model for task {task!r}: train one with "
                 f"`nuclick-wsi train DATA -o {task}.pt --task {task}` and pass --weights {task}.pt"
             )
-        path = default_weights_path()
+        path = default_weights_path(task)
         if not path.exists():
             raise ModelError(f"the embedded default model {path} is missing from this installation")
     # --- TIAToolbox pretrained names: tiatoolbox:NAME (download/cache in nuclick_wsi/model/tiatoolbox_weights.py) ---

@@ -200,7 +200,7 @@ def _network(cfg: TrainConfig, log) -> tuple[torch.nn.Module, dict[str, Any], di
     return loaded.net, dict(loaded.arch_args), loaded.postprocess
 
 
-def _resume(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[int, float, list, float, int]:
+def resume_state(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[int, float, list, float, int]:
     """(start epoch, best IoU, history, elapsed s, global step) from ``last``, or a fresh start."""
     if not last.exists():
         return 0, -1.0, [], 0.0, 0
@@ -231,7 +231,7 @@ def _base_metadata(cfg: TrainConfig, tiles, train_tiles, val_tiles, sampler, val
     }
 
 
-def _lr_schedule(cfg: TrainConfig, opt, total: int):
+def lr_schedule(cfg: TrainConfig, opt, total: int):
     """set_lr(step, elapsed): warm-up, then cosine to 2 % by steps, or by time under --max-minutes."""
     warm = min(200, total // 20 + 1)
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -285,9 +285,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max((cfg.samples_per_epoch or len(sampler)) // cfg.batch_size, 1)
-    set_lr = _lr_schedule(cfg, opt, steps_per_epoch * cfg.epochs)
+    set_lr = lr_schedule(cfg, opt, steps_per_epoch * cfg.epochs)
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    start_epoch, best, history, elapsed0, gstep = _resume(last, net, opt, sampler, log)
+    start_epoch, best, history, elapsed0, gstep = resume_state(last, net, opt, sampler, log)
     meta_base = _base_metadata(cfg, tiles, train_tiles, val_tiles, sampler, val_sampler, choice, device,
                                post0)
     t0 = time.time()

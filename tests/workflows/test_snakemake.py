@@ -66,3 +66,24 @@ def test_slurm_profile_and_array_script():
     script = (WORKFLOWS / "slurm" / "array.sbatch").read_text()
     assert "SLURM_ARRAY_TASK_ID" in script and "--task-index" in script
     assert subprocess.run(["bash", "-n", str(WORKFLOWS / "slurm" / "array.sbatch")]).returncode == 0
+
+
+def test_proposals_target_runs_propose_per_row(tmp_path):
+    import torch
+
+    from nuclick_wsi.io.annotations import read_prompts
+    from nuclick_wsi.model.weights import build_network, save_checkpoint
+
+    manifest = make_cohort(tmp_path / "cohort", n=2, clicks=5)
+    torch.manual_seed(0)
+    det = tmp_path / "det.pt"  # an untrained detector: the target's plumbing, not its quality, is tested
+    save_checkpoint(det, build_network("s2d-detector", {"widths": [8, 16, 32]}), "s2d-detector", {"widths": [8, 16, 32]},
+                    {"task": "detect", "mpp": 0.5, "patch_size": 256, "postprocess": {"threshold": 0.0}})
+    out = tmp_path / "smk-out"
+    run = snakemake("--cores", "2", "--config", f"manifest={manifest}", f"outdir={out}", "threads=1",
+                    f"detector_weights={det}", "--", "proposals", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for stem in ("s0", "s1"):
+        prompts = read_prompts(out / "proposals" / f"{stem}.proposals.geojson")
+        assert prompts.format == "qupath" and all(c.class_name == "Proposed" for c in prompts.clicks)
+    assert not (out / "batch-summary.csv").exists()  # `all` (segment) was not run

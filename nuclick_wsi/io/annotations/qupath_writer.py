@@ -74,6 +74,23 @@ def instance_feature(instance: Instance, object_type: str = "detection") -> dict
     return feature
 
 
+def point_feature(x: float, y: float, uid: str, *, class_name: str | None, measurements: dict[str, float],
+                  object_type: str = "annotation") -> dict:
+    """One QuPath Point Feature (a click): coordinates with 2 decimals, measurements as given."""
+    props: dict[str, Any] = {"objectType": object_type}
+    if class_name is not None:
+        props["classification"] = {"name": class_name, "color": list(color_for(class_name, None))}
+    props["measurements"] = measurements
+    props["isLocked"] = False
+    return {"type": "Feature", "id": uid, "geometry": {"type": "Point", "coordinates": [fmt_number(x), fmt_number(y)]},
+            "properties": props}
+
+
+def write_qupath_points(features: Sequence[dict], path: str | os.PathLike, *, gzip: bool | None = None) -> Path:
+    """Write Point Features (:func:`point_feature`) as a QuPath GeoJSON FeatureCollection, atomically."""
+    return _write_features(features, Path(path), gzip)
+
+
 def write_qupath(
     instances: Sequence[Instance],
     path: str | os.PathLike,
@@ -110,15 +127,19 @@ def write_qupath(
     """
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
-    path = Path(path)
+    return _write_features((instance_feature(inst, object_type) for inst in instances), Path(path), gzip)
+
+
+def _write_features(features, path: Path, gzip: bool | None) -> Path:
+    """A FeatureCollection, one Feature per line, same bytes for the same input; gzip without name or time."""
     if gzip is None:
         gzip = path.suffix.lower() == ".gz"
     buf = io.StringIO()
     buf.write('{"type":"FeatureCollection","features":[')
-    for k, inst in enumerate(instances):
+    for k, feature in enumerate(features):
         buf.write("," if k else "")
         buf.write("\n")
-        buf.write(json.dumps(instance_feature(inst, object_type), separators=(",", ":"), ensure_ascii=False))
+        buf.write(json.dumps(feature, separators=(",", ":"), ensure_ascii=False))
     buf.write("\n]}\n")
     data = buf.getvalue().encode("utf-8")
     with atomic_output(path) as tmp:
