@@ -30,7 +30,7 @@ from nuclick_wsi.model.precision import choose_precision
 from nuclick_wsi.model.predictor import resolve_device
 from nuclick_wsi.model.weights import build_network, save_checkpoint
 from nuclick_wsi.training.detect_data import DetectionItem, DetectionSampler, load_detection_items
-from nuclick_wsi.training.train import NO_VALIDATION, lr_schedule, resume_state
+from nuclick_wsi.training.train import NO_VALIDATION, lr_schedule, optimise, resume_state
 
 ARCH = "s2d-detector"
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
@@ -210,22 +210,13 @@ def _epoch(net, opt, sampler: DetectionSampler, cfg: DetectConfig, device, dtype
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=desc, leave=False, file=sys.stderr)
-    run_loss = 0.0
-    for step in range(steps):
+
+    def next_batch():
         x, target, weight = sampler.batch(cfg.batch_size)
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = net(x)
-        loss = focal_loss(logits, target.to(device), weight.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        set_lr(gstep, clock())
-        opt.step()
-        gstep += 1
-        run_loss += loss.item()
+        return x, lambda logits: focal_loss(logits, target.to(device), weight.to(device))
+
+    try:
+        return optimise(net, opt, next_batch, steps, device, dtype, set_lr, gstep, clock, bar)
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{run_loss / (step + 1):.4f}")
-    if bar is not None:
-        bar.close()
-    return run_loss, gstep
+            bar.close()

@@ -246,17 +246,19 @@ def lr_schedule(cfg: TrainConfig, opt, total: int):
     return set_lr
 
 
-def _train_epoch(net, opt, sampler, batch_fn, cfg: TrainConfig, device, dtype, steps: int, set_lr, gstep: int,
-                 clock, bar) -> tuple[float, int]:
-    """One epoch of ``steps`` batches; returns the summed loss and the global step after it."""
+def optimise(net, opt, next_batch, steps: int, device, dtype, set_lr, gstep: int, clock, bar) -> tuple[float, int]:
+    """``steps`` optimiser steps; returns the summed loss and the global step after them.
+
+    ``next_batch()`` gives (inputs, loss function of the logits); the forward pass runs under autocast
+    at ``dtype`` (None: fp32), the loss outside it. Shared by the NuClick and the detector loops.
+    """
     run_loss = 0.0
     for step in range(steps):
-        x, g, go = batch_fn(sampler, cfg.batch_size)
+        x, loss_of = next_batch()
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        g, go = g.to(device), go.to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = net(x)
-        loss = nuclick_loss(logits, g, go, cfg.loss)
+        loss = loss_of(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         set_lr(gstep, clock())
@@ -267,6 +269,16 @@ def _train_epoch(net, opt, sampler, batch_fn, cfg: TrainConfig, device, dtype, s
             bar.update(1)
             bar.set_postfix(loss=f"{run_loss / (step + 1):.4f}")
     return run_loss, gstep
+
+
+def _train_epoch(net, opt, sampler, batch_fn, cfg: TrainConfig, device, dtype, steps: int, set_lr, gstep: int,
+                 clock, bar) -> tuple[float, int]:
+    """One epoch of ``steps`` NuClick batches."""
+    def next_batch():
+        x, g, go = batch_fn(sampler, cfg.batch_size)
+        return x, lambda logits: nuclick_loss(logits, g.to(device), go.to(device), cfg.loss)
+
+    return optimise(net, opt, next_batch, steps, device, dtype, set_lr, gstep, clock, bar)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
