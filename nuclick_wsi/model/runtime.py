@@ -88,7 +88,11 @@ class OpenVinoNet:
             self._save(ov, model, xml)
         config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
-        self.compiled = core.compile_model(model, "CPU", config)
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with a multi-line oneDNN story
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise NuclickError(f"OpenVINO cannot compile the network at {precision} on this CPU: {first}") from exc
         self.request = self.compiled.create_infer_request()
 
     @staticmethod
