@@ -67,22 +67,32 @@ def _final_text(meta: dict) -> str:
             f"they learned from.\n")
 
 
+def _lr_text(meta: dict) -> str:
+    lr = meta["training"]["config"]["lr"]
+    rec = meta.get("recipe")
+    return f"{rec['lr']} (then {lr} on all tiles)" if rec and "lr" in rec else f"{lr}"
+
+
 def _organ_text(meta: dict) -> str:
     org = meta.get("cross_organ")
     if not org:
         return ""
     a, b = org["held_out_organ"]["overall"]["model"], org["in_distribution"]["overall"]["model"]
+    per_tile = ", ".join(f"{t['name']} {t['model']['aji']:.3f}" for k in ("held_out_organ", "in_distribution")
+                         for t in org[k]["tiles"])
     return f"""
 ## Cross-organ estimate
-A run of the same recipe that never saw {org['organ']} ({len(org['excluded'])} tiles excluded, {org['minutes']:.0f} min of
-training), scored on the {org['organ']} tiles with outlines and on held-out tiles of organs it did see:
+A run of the same recipe that never saw {org['organ']} ({len(org['excluded']) - len(org['in_dist_tiles'])} {org['organ']} tiles and the
+{len(org['in_dist_tiles'])} test tiles below excluded; {org['minutes']:.0f} min of training to its best validation epoch), scored on the
+{org['organ']} tiles with outlines and on held-out tiles of organs it did see:
 
 | tiles | AJI | Dice | SQ | PQ |
 |---|---|---|---|---|
 | {org['organ']} (organ never seen): {', '.join(org['organ_tiles'])} | {a['aji']:.3f} | {a['dice']:.3f} | {a['sq']:.3f} | {a['pq']:.3f} |
 | seen organs, held-out tiles: {', '.join(org['in_dist_tiles'])} | {b['aji']:.3f} | {b['dice']:.3f} | {b['sq']:.3f} | {b['pq']:.3f} |
 
-Gap: {b['aji'] - a['aji']:+.3f} AJI (in-distribution minus unseen organ).
+Gap: {b['aji'] - a['aji']:+.3f} AJI (in-distribution minus unseen organ; negative: the unseen organ scored higher).
+Per tile AJI: {per_tile}.
 """
 
 
@@ -158,7 +168,7 @@ Published NuClick on MoNuSeg (16 training tiles, full network): AJI 0.834, Dice 
 ## Training
 - Recipe: a new random click inside the nucleus, >= 2 px from its edge, each time a patch is drawn; exclusion map
   from the other nuclei's centroids (10% dropped at random, as users do not click every nucleus); loss
-  {LOSS_TEXT.get(cfg.get('loss') or 'nuclick')}; Adam lr {cfg['lr']}, weight decay {cfg['weight_decay']}, batch
+  {LOSS_TEXT.get(cfg.get('loss') or 'nuclick')}; Adam lr {_lr_text(meta)}, weight decay {cfg['weight_decay']}, batch
   {cfg['batch_size']}, cosine schedule annealed to the time budget; precision {prec.get('name', 'bf16')}
   ({prec.get('reason', 'autocast')}), channels_last.
 - Augmentation: rotation, flips, scale 0.8-1.25, 20x/30x resolution simulation, H&E stain jitter, brightness,
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         rt = judge.metadata["training"]
         meta["recipe"] = {"checkpoint": args.recipe, "samples_seen": _samples_seen(rt), "minutes": rt["elapsed_s"] / 60,
                           "final_tiles": len(tr["train_tiles"]), "final_minutes": tr["elapsed_s"] / 60,
-                          "train_tiles": rt["train_tiles"], "val_tiles": rt["val_tiles"]}
+                          "train_tiles": rt["train_tiles"], "val_tiles": rt["val_tiles"], "lr": rt["config"]["lr"]}
     if args.organ:
         meta["cross_organ"] = _cross_organ(args, opts, best_t)
     out = Path(args.output)
