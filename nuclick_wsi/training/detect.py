@@ -30,7 +30,7 @@ from nuclick_wsi.model.precision import choose_precision
 from nuclick_wsi.model.predictor import resolve_device
 from nuclick_wsi.model.weights import build_network, save_checkpoint
 from nuclick_wsi.training.detect_data import DetectionItem, DetectionSampler, load_detection_items
-from nuclick_wsi.training.train import NO_VALIDATION, lr_schedule, optimise, resume_state
+from nuclick_wsi.training.train import NO_VALIDATION, lr_schedule, optimise, resume_state, save_state
 
 ARCH = "s2d-detector"
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
@@ -194,9 +194,8 @@ def train_detector(cfg: DetectConfig, items: list[DetectionItem] | None = None,
         if not vm or vm["f1"] > best:
             best = vm.get("f1", best)
             save_checkpoint(out, net, ARCH, arch_args, meta)
-        save_checkpoint(last, net, ARCH, arch_args, meta, extra={
-            "optimizer": opt.state_dict(), "step": gstep, "epoch": epoch + 1, "best": best, "history": history,
-            "rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed})
+        save_state(last, net, ARCH, arch_args, meta, opt, sampler, step=gstep, epoch=epoch + 1, best=best,
+                   history=history, elapsed=elapsed)
         if cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
             log(f"stopping after {elapsed / 60:.1f} min (--max-minutes)")
             break

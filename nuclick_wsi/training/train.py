@@ -213,6 +213,14 @@ def resume_state(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[i
     return ck["epoch"], ck["best"], ck["history"], ck.get("elapsed_s", 0.0), ck["step"]
 
 
+def save_state(last: Path, net: torch.nn.Module, arch: str, arch_args: dict[str, Any], meta: dict[str, Any], opt,
+               sampler, *, step: int, epoch: int, best: float, history: list, elapsed: float) -> None:
+    """Write the resumable state that :func:`resume_state` reads back."""
+    save_checkpoint(last, net, arch, arch_args, meta, extra={
+        "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "best": best, "history": history,
+        "rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed})
+
+
 def _base_metadata(cfg: TrainConfig, tiles, train_tiles, val_tiles, sampler, val_sampler, choice,
                    device: torch.device, post: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -331,10 +339,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
         if not vm or vm["iou"] > best:  # without validation the newest epoch is the model
             best = vm.get("iou", best)
             save_checkpoint(out, net, cfg.arch, arch_args, meta)
-        save_checkpoint(last, net, cfg.arch, arch_args, meta, extra={
-            "optimizer": opt.state_dict(), "step": gstep, "epoch": epoch + 1, "best": best,
-            "history": history, "rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-            "elapsed_s": elapsed})
+        save_state(last, net, cfg.arch, arch_args, meta, opt, sampler, step=gstep, epoch=epoch + 1, best=best,
+                   history=history, elapsed=elapsed)
         if budget_s and elapsed >= budget_s:
             log(f"stopping after {elapsed / 60:.1f} min (--max-minutes)")
             break
