@@ -83,6 +83,13 @@ def full_option():
                              "recomputes only the clicks an edit of the clicks file can change.")
 
 
+def watch_option():
+    """--watch of segment and qupath run (nuclick_wsi.workflows.watch)."""
+    return click.option("--watch", is_flag=True,
+                        help="Keep running: after the run, rerun (incrementally, with the model already loaded) "
+                             "whenever the clicks are exported again; Ctrl-C stops.")
+
+
 def slide_read_options(fn):
     """Options shared by the commands that read slides: --mpp, --bounds-offset, --reader."""
     return _apply(fn, [

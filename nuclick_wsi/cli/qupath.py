@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nuclick_wsi.cli.common import (fail_cleanly, format_option, full_option, model_options, object_type_option,
-                                    qc_option, slide_options)
+                                    qc_option, slide_options, watch_option)
 
 
 @click.group()
@@ -26,11 +26,12 @@ def qupath() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary.")
 @qc_option()
 @full_option()
+@watch_option()
 @slide_options
 @model_options
 @fail_cleanly
 def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, mpp, bounds_offset, reader, ngff,
-               weights, device, batch_size, precision, qc=True, tta=False, runtime="auto", full=False) -> None:
+               weights, device, batch_size, precision, qc=True, tta=False, runtime="auto", full=False, watch=False) -> None:
     """Segment PROJECT/nuclick/clicks/<image>.geojson for each image of PROJECT (project.qpproj or its folder).
 
     Results go to PROJECT/nuclick/results/<image>.geojson (+ .labels.zarr, .report.json) for
@@ -48,6 +49,12 @@ def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, 
                           precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, progress=False, roi=roi, ngff=ngff, qc=qc,
                           full=full)
     log = None if quiet else (lambda line: click.echo(line, err=True))
+    if watch:
+        from nuclick_wsi.workflows.watch import watch_project
+
+        watch_project(proj, options=opts, models=Models.from_flags(weights, gland_weights), bounds_offset=forced,
+                      force=force, say=lambda line: click.echo(line, err=True))
+        return
     run = run_project(proj, options=opts, models=Models.from_flags(weights, gland_weights), bounds_offset=forced,
                       force=force, log=log)
     counts = run.counts()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from nuclick_wsi.cli.common import fail_cleanly, full_option, model_options, output_options, qc_option, slide_options
+from nuclick_wsi.cli.common import (fail_cleanly, full_option, model_options, output_options, qc_option, slide_options,
+                                    watch_option)
 
 
 @click.command()
@@ -28,12 +29,13 @@ from nuclick_wsi.cli.common import fail_cleanly, full_option, model_options, out
               help="ASAP group / ImageScope layer whose lines are squiggles (repeatable; QuPath lines always are).")
 @qc_option()
 @full_option()
+@watch_option()
 @slide_options
 @model_options
 @fail_cleanly
 def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_object_px, min_hole_px, stem, quiet,
             roi, task, gland_weights, squiggle_groups, mpp, bounds_offset, reader, ngff, weights, device,
-            batch_size, precision, qc=True, tta=False, runtime="auto", full=False) -> None:
+            batch_size, precision, qc=True, tta=False, runtime="auto", full=False, watch=False) -> None:
     """Segment the nucleus under every click, and the gland along every squiggle (line), of POINTS on SLIDE."""
     from nuclick_wsi.pipeline import Models, SegmentOptions, segment as run_segment
 
@@ -42,6 +44,12 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
                           roi=roi, squiggle_groups=squiggle_groups, ngff=ngff, qc=qc, full=full)
     models = Models.from_flags(weights, gland_weights, task=task, threshold=threshold, min_object_px=min_object_px,
                                min_hole_px=min_hole_px)
+    if watch:
+        from nuclick_wsi.workflows.watch import watch_segment
+
+        watch_segment(slide, points, out_dir, options=opts, models=models, stem=stem,
+                      say=lambda line: click.echo(line, err=True))
+        return
     result = run_segment(slide, points, out_dir, options=opts, models=models, stem=stem)
     if qc and "qupath" not in formats:
         click.echo("no QC report: it reads the QuPath outlines (add qupath to --format)", err=True)

@@ -1,0 +1,166 @@
+"""Watching (nuclick_wsi.workflows.watch, `segment --watch`, `qupath run --watch`): one process reruns
+incrementally when the clicks are exported again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine.test_rerun import grid_clicks, ids_by_click, outputs, write
+from tests.helpers import (NUCLICK, SUB_ENV, entry, guided_model, make_weights, point_feature, write_clicks,
+                           write_project, write_tiff_slide)
+from nuclick_wsi.pipeline import Models, SegmentOptions
+from nuclick_wsi.workflows.watch import file_signature, watch, watch_project, watch_segment
+
+OPTS = SegmentOptions(progress=False, device="cpu", precision="fp32", batch_size=16, formats=("qupath",))
+
+
+class Script:
+    """A fake ``sleep``: at the k-th call, runs ``actions[k]`` (when given); ``done`` once all have run."""
+
+    def __init__(self, actions: dict[int, callable], total: int) -> None:
+        self.actions, self.total, self.calls = actions, total, 0
+
+    def __call__(self, seconds: float) -> None:
+        action = self.actions.get(self.calls)
+        self.calls += 1
+        if action is not None:
+            action()
+
+    def done(self) -> bool:
+        return self.calls >= self.total
+
+
+def touch_later(path: Path) -> None:
+    """Make sure a rewrite gets a new modification time even on coarse-clock file systems."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+
+
+def test_watch_runs_once_then_only_after_a_settled_change():
+    sigs = iter([0, 0, 0, 1, 2, 2, 2, 2])  # initial, poll (same), poll (same), changed, changing, settled...
+    runs = []
+    watch(lambda: next(sigs), lambda: runs.append(1), interval=0, settle=0, stop=lambda: len(runs) >= 2,
+          sleep=lambda s: None)
+    assert len(runs) == 2  # the first run, and one more after 1 -> 2 -> 2 (not one per change seen)
+
+
+def test_a_failing_rerun_is_said_and_the_watch_goes_on(tmp_path):
+    from nuclick_wsi.errors import NuclickError
+
+    said, calls = [], []
+
+    def run():
+        calls.append(1)
+        if len(calls) == 2:
+            raise NuclickError(f"{tmp_path}/clicks.geojson: not valid JSON\nsecond line")
+
+    stats = watch(lambda: len(calls), run, interval=0, settle=0, stop=lambda: len(calls) >= 3, say=said.append,
+                  sleep=lambda s: None)
+    assert (stats.runs, stats.failed) == (3, 1)
+    assert said == [f"failed: {tmp_path}/clicks.geojson: not valid JSON (still watching)"]
+
+
+def test_watch_segment_reruns_incrementally_with_the_model_it_holds(tmp_path):
+    slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, 0.25)
+    clicks = grid_clicks(512, 384)
+    pts = write(tmp_path / "clicks.csv", clicks)
+    out = tmp_path / "out"
+    new = (300.37, 190.12, "A")
+    bad_before = {}
+
+    def add_click():
+        write(pts, clicks[:5] + [new] + clicks[5:])
+        touch_later(pts)
+
+    def break_file():
+        bad_before.update(outputs(out))
+        pts.write_text("x,y,class\nnot,a,number\n")
+        touch_later(pts)
+
+    results, said = [], []
+    models = Models(nuclei=guided_model())
+    script = Script({0: add_click, 3: break_file}, total=6)
+    stats = watch_segment(slide, pts, out, options=OPTS, models=models, interval=0.01, settle=0.01,
+                          stop=script.done, say=said.append, on_result=results.append, sleep=script)
+    assert (stats.runs, stats.failed) == (3, 1)
+    first, second = results
+    assert first.report["rerun"]["mode"] == "full"
+    rerun = second.report["rerun"]
+    assert rerun["mode"] == "incremental" and 0 < rerun["recomputed"] < len(clicks) // 2
+    assert rerun["reused"] + rerun["recomputed"] == len(clicks) + 1
+    old, now = ids_by_click(first.report), ids_by_click(second.report)
+    assert all(now[k] == v for k, v in old.items()) and now[new][0] == len(clicks) + 1
+    assert outputs(out) == bad_before  # the failed third run left the second's outputs as they were
+    assert "incremental: " in said[2] and said[-1].startswith("failed: ") and str(pts) in said[-1]
+    assert len(models._predictors) == 1  # one predictor (network loaded and compiled once) for every run
+
+
+@pytest.fixture
+def project(tmp_path):
+    a = write_tiff_slide(tmp_path / "a.tif", 512, 384, 0.25)
+    b = write_tiff_slide(tmp_path / "b.tif", 400, 300, 0.25)
+    proj = write_project(tmp_path / "project", [entry(a, a.name, size=(512, 384), entry_id=1),
+                                                entry(b, b.name, size=(400, 300), entry_id=2)])
+    write_clicks(proj, a.name, [point_feature(100.5, 100.5, "Tumor"), point_feature(300, 200)])
+    write_clicks(proj, b.name, [point_feature(50, 50), point_feature(150, 60)])
+    return proj, a, b
+
+
+def test_watch_project_redoes_only_the_image_whose_clicks_changed(project):
+    proj, a, b = project
+
+    def export_again():
+        path = write_clicks(proj, b.name, [point_feature(50, 50), point_feature(150, 60), point_feature(250, 200)])
+        touch_later(path)
+
+    passes, said = [], []
+    script = Script({0: export_again}, total=3)
+    watch_project(proj, options=OPTS, models=Models(nuclei=guided_model()), interval=0.01, settle=0.01,
+                  stop=script.done, say=said.append, on_run=passes.append, sleep=script)
+    assert [[o.status for o in p.images] for p in passes] == [["segmented", "segmented"], ["complete", "segmented"]]
+    again = passes[1].images[1]
+    assert again.totals["segmented"] == 3
+    report = (proj.parent / "nuclick" / "results" / f"{b.name}.report.json").read_text()
+    assert '"mode": "incremental"' in report
+    assert sum("b.tif: segmented" in line for line in said) == 2 and sum("a.tif" in line for line in said) == 1
+
+
+def test_cli_segment_watch_reruns_on_export_and_stops_on_ctrl_c(tmp_path):
+    slide = write_tiff_slide(tmp_path / "slide.tif", 384, 256, 0.25)
+    clicks = grid_clicks(384, 256, step=60)
+    pts = write(tmp_path / "clicks.csv", clicks)
+    weights = make_weights(tmp_path / "w.pt")
+    proc = subprocess.Popen([*NUCLICK, "segment", str(slide), "--points", str(pts), "-o", str(tmp_path / "out"),
+                             "--weights", str(weights), "--device", "cpu", "--precision", "fp32", "--no-qc",
+                             "--watch", "-q"], env=SUB_ENV, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        def wait_for(text: str) -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                lines.append(line)
+                if text in line:
+                    return
+            raise AssertionError(f"no {text!r} in {lines}")
+
+        wait_for("clicks segmented")
+        before = file_signature(pts)
+        write(pts, clicks + [(200.5, 130.5, "A")])
+        touch_later(pts)
+        assert file_signature(pts) != before
+        wait_for("incremental: ")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert "stopped watching" in proc.stderr.read()
+    finally:
+        proc.kill()
+    assert f"of {len(clicks) + 1} clicks segmented" in lines[-1]
