@@ -72,10 +72,11 @@ def _area_outliers(inputs: QcInputs, opts: ReviewOptions) -> dict[int, str]:
     for o in inputs.outlines:
         by_class[o.class_name].append(o.area_px)
     overall = float(np.median([o.area_px for o in inputs.outlines])) if inputs.outlines else 0.0
+    medians = {name: float(np.median(areas)) if len(areas) >= opts.min_class_size else overall
+               for name, areas in by_class.items()}  # once per class, not per outline
     out: dict[int, str] = {}
     for o in inputs.outlines:
-        areas = by_class[o.class_name]
-        med = float(np.median(areas)) if len(areas) >= opts.min_class_size else overall
+        med = medians[o.class_name]
         if med <= 0 or len(inputs.outlines) < opts.min_class_size:
             continue
         ratio = o.area_px / med

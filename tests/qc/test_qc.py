@@ -330,3 +330,33 @@ def test_confidence_is_used_when_the_run_has_it(planted, tmp_path):
     names = [f["properties"]["name"] for f in json.loads((copy / "planted.review.geojson").read_text())["features"]]
     assert [n for n in names if "low confidence" in n] == [f"#{ordinary + 1} Tumor: low confidence (0.300 < 0.333)"]
     assert "NuClick confidence (soft IoU" in (copy / "planted.qc.html").read_text()
+
+
+def test_review_flags_areas_far_from_their_class_median_on_many_outlines(tmp_path):
+    """Each outline is compared with its class's median (classes under 5 outlines: the overall median);
+    computed once per class, so thousands of outlines take no longer than a few."""
+    from shapely.geometry import box
+
+    from nuclick_wsi.qc.data import Outline, QcInputs
+    from nuclick_wsi.qc.review import review
+    from nuclick_wsi.store.labels import LabelStore
+
+    def outline(k, side, cls):
+        x = 40.0 * k
+        return Outline(label=k + 1, index=k, uuid=f"u{k}", x=x + side / 2, y=side / 2, class_name=cls,
+                       area_px=side * side, area_um2=None, value=0.9, geometry=box(x, 0, x + side, side))
+
+    sides = [10.0] * 3000 + [20.0] + [30.0] * 3100 + [30.0, 60.0]  # A: 10 (one 20), C: 30, B: two outlines
+    classes = ["A"] * 3001 + ["C"] * 3100 + ["B", "B"]
+    outlines = [outline(k, s, c) for k, (s, c) in enumerate(zip(sides, classes))]
+    labels = LabelStore.create(tmp_path / "s.labels.zarr", 10 ** 6, 100, mpp=0.25)  # no pixels: nothing merged
+    labels.finalize([])
+    inputs = QcInputs(out_dir=tmp_path, stem="s", report={"slide": {"width": 10 ** 6, "height": 100}},
+                      outlines=outlines, skipped=[], measure="confidence", labels_path=tmp_path / "s.labels.zarr",
+                      geojson_path=tmp_path, slide_path=tmp_path)
+    found = review(inputs)
+    area = {label for label, why in found.items() if any(w.startswith("area far") for w in why)}
+    # A's 20 px square is 4x its class median (100 px^2); B has 2 outlines, so its 60 px square
+    # (3600 px^2) is judged against the median of all (the C squares: 900 px^2): 4x
+    assert area == {3001, 6103}
+    assert "(4x)" in " ".join(found[3001])
