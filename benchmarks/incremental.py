@@ -122,7 +122,8 @@ def one_edit(slide: Path, first_out: Path, second: Path, work: Path, args) -> di
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     rep = json.loads((out / f"{slide.stem}.report.json").read_text())
     return {"incremental_s": round(t_incr, 2), "reference_same_ids_s": round(t_ref, 2),
-            "rerun": {k: rep["rerun"][k] for k in ("mode", "why_full", "reused", "recomputed", "ids")},
+            "rerun": {k: rep["rerun"].get(k) for k in ("mode", "why_full", "reused", "recomputed", "ids", "chunks_copied",
+                                                  "chunks_written")},
             "incremental_timings_s": rep["timings_s"], "files_compared": len(a), "identical_bytes": not differ,
             "differ": differ[:10]}
 
