@@ -19,7 +19,6 @@ earlier store's folder and table (:class:`EarlierStore`); then
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,11 +137,9 @@ class ChunkLedger:
             return False
         if hashlib.sha256(data).hexdigest() != sha:
             return False
-        target = chunk_file(self.root, self.version, key)
+        target = chunk_file(self.root, self.version, key)  # in a new store (a temporary folder)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        target.write_bytes(data)
         with self._lock:
             self.table.rows[key] = (digest, sha)
             self.copied += 1
