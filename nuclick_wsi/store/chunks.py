@@ -147,9 +147,10 @@ class ChunkLedger:
 
     def _written(self, key: Key, digest: str) -> None:
         sha = _sha256_file(chunk_file(self.root, self.version, key))
-        if sha is None:  # all zero: zarr stored nothing
-            return
         with self._lock:
+            if sha is None:  # all zero: zarr stored nothing (and removed what was there)
+                self.table.rows.pop(key, None)
+                return
             self.table.rows[key] = (digest, sha)
             self.written += 1
 

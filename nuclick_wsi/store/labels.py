@@ -20,7 +20,8 @@ Writing: :meth:`LabelStore.create` on a temporary path (from ``atomic_output``),
 store with :meth:`LabelStore.open` and write different chunks), then
 :meth:`~LabelStore.finalize` (pyramid, instance table, metadata written last), ``close()``, and
 let ``atomic_output`` rename the folder. :func:`is_complete` tells a finished store from an
-interrupted one.
+interrupted one. A store created with an ``earlier`` store copies the chunk files whose labels that
+one already holds (:mod:`nuclick_wsi.store.chunks`).
 """
 
 from __future__ import annotations

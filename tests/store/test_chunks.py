@@ -121,3 +121,11 @@ def test_an_earlier_store_of_another_layout_is_not_copied_from(tmp_path):
     again = write(tmp_path / "c.zarr", labels, "0.4", EarlierStore(tmp_path / "a.zarr", other))
     assert again.ledger.copied == 0
     assert files(tmp_path / "c.zarr") == files(tmp_path / "a.zarr")
+
+
+def test_a_chunk_written_again_as_all_zero_leaves_the_table(tmp_path):
+    store = LabelStore.create(tmp_path / "a.zarr", W, H, chunk=C, mpp=None)
+    store.write_chunk(1, 2, np.full((C, C), 5, np.uint32))
+    assert set(store.chunk_table.rows) == {(0, 1, 2)}
+    store.write_chunk(1, 2, np.zeros((C, C), np.uint32))  # zarr removes the chunk file
+    assert store.chunk_table.rows == {} and not (tmp_path / "a.zarr" / "0" / "1" / "2").exists()
