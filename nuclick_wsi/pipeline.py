@@ -46,6 +46,7 @@ from nuclick_wsi.outputs.report import segment_report
 from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.qc import qc_paths, write_qc
 from nuclick_wsi.records import Instance, Prompts
+from nuclick_wsi.store.chunks import EarlierStore
 from nuclick_wsi.store.labels import LabelStore
 from nuclick_wsi.store.rerun import RerunState, write_state
 
@@ -262,17 +263,20 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
     """
     temps = {k: temp_path_for(p) for k, p in paths.items()}
 
-    def store(key: str, name: str):
+    def store(key: str, name: str, earlier: EarlierStore | None = None):
         return lambda: LabelStore.create(temps[key], slide.width, slide.height, chunk=opts.chunk, name=name, mpp=mpp,
-                                         ngff_version=opts.ngff)
+                                         ngff_version=opts.ngff, earlier=earlier)
 
     try:
         state_sha = None
         if nuclei is not None:
-            nuclei[1].into_store(store("labels", "nuclei"), progress=opts.progress, desc=stem, unit="nuclei")
+            rerun = where["rerun"]  # an incremental rerun copies the unchanged chunks of the earlier store
+            earlier = None if rerun.chunks is None else EarlierStore(paths["labels"], rerun.chunks)
+            labels = nuclei[1].into_store(store("labels", "nuclei", earlier), progress=opts.progress, desc=stem,
+                                          unit="nuclei")
             t = time.perf_counter()
-            state = RerunState(where["rerun"].fingerprint, where["table"].to_json(), nuclei[1].strategy.pieces,
-                               nuclei[1].outlines)
+            state = RerunState(rerun.fingerprint, where["table"].to_json(), nuclei[1].strategy.pieces,
+                               nuclei[1].outlines, labels.chunk_table)
             state_sha = write_state(temps["labels"], state)
             timer.add("write", time.perf_counter() - t)
         else:  # squiggles only: an empty nucleus label store
@@ -290,7 +294,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                 predictor=predictor, paths=paths, timer=timer,
                                 wall=time.perf_counter() - where["t_start"])
         if nuclei is not None:
-            report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1].strategy, state_sha)
+            report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1].strategy, state_sha, labels)
         commit_outputs(temps, paths, report)
         for old in stale:
             remove_path(old)

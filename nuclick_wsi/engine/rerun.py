@@ -15,7 +15,9 @@ A rerun into the same folder then
 * stitches every piece, reused or new, in the order a from-scratch run uses (regions row by row,
   clicks by y, x, then id), so the overlap rule resolves every contested pixel as it would there and
   the outputs are the bytes a from-scratch run with the same id table writes; an outline is traced
-  again only when its final mask changed.
+  again only when its final mask changed;
+* copies the label-store chunk files whose labels did not change from the earlier store instead of
+  encoding them again (:mod:`nuclick_wsi.store.chunks`; the same bytes).
 
 ``--full`` (``SegmentOptions.full``) starts a fresh id table and recomputes everything.
 Glands (squiggles) are always recomputed.
@@ -36,6 +38,7 @@ from nuclick_wsi import __version__
 from nuclick_wsi.engine.identity import IdTable
 from nuclick_wsi.model.runtime import openvino_version
 from nuclick_wsi.model.weights import weights_sha256
+from nuclick_wsi.store.chunks import ChunkTable
 from nuclick_wsi.store.labels import is_complete
 from nuclick_wsi.store.rerun import PackedPiece, RerunState, read_state
 
@@ -123,6 +126,7 @@ class Rerun:
     cache: dict[str, PackedPiece]
     why: str | None  #: why nothing is reused (None: incremental)
     outlines: dict[str, bytes] = field(default_factory=dict)  #: traced outlines (WKB) by outline key
+    chunks: ChunkTable | None = None  #: the earlier label store's chunk table (None: copy no chunk)
 
 
 def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -> Rerun:
@@ -133,13 +137,15 @@ def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -
         why = "recompute asked for" if recompute else fingerprint_change(previous.state.fingerprint, fp)
     if why is None:
         log.info("incremental rerun: reusing the earlier run's pieces where clicks and neighbours are unchanged")
-        return Rerun(fp, dict(previous.state.pieces), None, previous.state.outlines)
+        return Rerun(fp, dict(previous.state.pieces), None, previous.state.outlines, previous.state.chunks)
     log.info("full run: %s", why)
     return Rerun(fp, {}, why)
 
 
-def report_section(rerun: Rerun, table: IdTable, strategy, state_sha256: str) -> dict[str, Any]:
-    """The report's ``rerun`` section: mode, why full, pieces reused and recomputed, id changes."""
+def report_section(rerun: Rerun, table: IdTable, strategy, state_sha256: str, store) -> dict[str, Any]:
+    """The report's ``rerun`` section: mode, why full, pieces reused and recomputed, id changes, and the
+    label store's (``store``) chunk files copied from the earlier store and written."""
     return {"mode": "full" if rerun.why else "incremental", "why_full": rerun.why,
             "reused": strategy.reused, "recomputed": len(strategy.pieces) - strategy.reused,
-            "ids": dict(table.counts, next_id=table.next_id), "state_sha256": state_sha256}
+            "ids": dict(table.counts, next_id=table.next_id), "state_sha256": state_sha256,
+            "chunks_copied": store.ledger.copied, "chunks_written": store.ledger.written}

@@ -214,8 +214,9 @@ class PromptRun:
                            "confidence": round(piece.meta["confidence"], 6), "kind": kind})
         self.timer.add("write", time.perf_counter() - t)
 
-    def into_store(self, create_store, *, progress: bool = False, desc: str = "", unit: str = "") -> None:
-        """Run into a new label store (``create_store()``) with an optional progress bar, then finalize it."""
+    def into_store(self, create_store, *, progress: bool = False, desc: str = "", unit: str = ""):
+        """Run into a new label store (``create_store()``) with an optional progress bar, finalize it and
+        return it."""
         bar = None
         if progress and self.n_pending:
             from tqdm.auto import tqdm
@@ -230,6 +231,7 @@ class PromptRun:
         finally:
             if bar is not None:
                 bar.close()
+        return store
 
     def in_memory(self, chunk: int = 1024) -> tuple[np.ndarray, list[Instance], dict[int, str]]:
         """Run into an array: the label image, the instances and, per prompt index, why it gave none."""

@@ -20,13 +20,15 @@ Writing: :meth:`LabelStore.create` on a temporary path (from ``atomic_output``),
 store with :meth:`LabelStore.open` and write different chunks), then
 :meth:`~LabelStore.finalize` (pyramid, instance table, metadata written last), ``close()``, and
 let ``atomic_output`` rename the folder. :func:`is_complete` tells a finished store from an
-interrupted one.
+interrupted one. A store created with an ``earlier`` store copies the chunk files whose labels that
+one already holds (:mod:`nuclick_wsi.store.chunks`).
 """
 
 from __future__ import annotations
 
 from nuclick_wsi.errors import OutputError
 from nuclick_wsi.store import ngff
+from nuclick_wsi.store.chunks import ChunkLedger, ChunkTable, EarlierStore, layout
 from nuclick_wsi.store.instances import INSTANCE_COLUMNS, INSTANCE_TABLE_NAME, write_instance_table
 
 import csv
@@ -114,11 +116,9 @@ def _chunk_slices(cy: int, cx: int, chunk: int, shape: tuple[int, int]) -> tuple
     return ys, xs
 
 
-def _downsample_chunk(src: zarr.Array, dst: zarr.Array, cy: int, cx: int, chunk: int) -> None:
-    """Write chunk (cy, cx) of ``dst`` as ``src[::2, ::2]`` over the 2 x 2 chunks it covers."""
-    ys, xs = _chunk_slices(cy, cx, chunk, dst.shape)
-    block = src[2 * ys.start : 2 * ys.stop, 2 * xs.start : 2 * xs.stop][::2, ::2]
-    dst[ys, xs] = block
+def _downsampled(src: zarr.Array, ys: slice, xs: slice) -> np.ndarray:
+    """The pyramid chunk over (ys, xs) of the level above ``src``: ``src[::2, ::2]`` of the 2 x 2 chunks it covers."""
+    return np.ascontiguousarray(src[2 * ys.start : 2 * ys.stop, 2 * xs.start : 2 * xs.stop][::2, ::2])
 
 
 def _as_labels(block: np.ndarray) -> np.ndarray:
@@ -138,7 +138,7 @@ class LabelStore:
     process); the constructor is internal.
     """
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: Path, group: zarr.Group, earlier: EarlierStore | None = None) -> None:
         self.path = path
         self._group = group
         ours = group.attrs[_OUR_KEY]
@@ -149,6 +149,8 @@ class LabelStore:
         self.ngff: str = ours.get("ngff", ngff.DEFAULT_NGFF)
         self.level0: zarr.Array = zarr.open_array(group.store, path="0", mode="r+", config={"write_empty_chunks": False})
         self.height, self.width = self.level0.shape
+        #: the chunk files written through this object (level 0 and pyramid), and the copies from ``earlier``
+        self.ledger = ChunkLedger(path, self.ngff, layout(self.ngff, self.chunk, self.height, self.width), earlier)
 
     @classmethod
     def create(
@@ -162,6 +164,7 @@ class LabelStore:
         mpp: float | None,
         source_image: str | None = None,
         ngff_version: str = ngff.DEFAULT_NGFF,
+        earlier: EarlierStore | None = None,
     ) -> LabelStore:
         """Create a new, empty store at ``path`` (which must not hold a zarr group or array).
 
@@ -182,6 +185,9 @@ class LabelStore:
             by default: the store is a label image on its own).
         ngff_version : {"0.4", "0.5"}
             "0.4": OME-NGFF 0.4 in the zarr v2 format; "0.5": OME-NGFF 0.5 in zarr v3.
+        earlier : EarlierStore, optional
+            An earlier store of the same layout and its chunk table: chunks whose labels it already
+            holds are copied from it (see :mod:`nuclick_wsi.store.chunks`); the bytes are the same.
 
         Returns
         -------
@@ -207,7 +213,7 @@ class LabelStore:
             "ngff": ngff_version,
         }
         _create_level(group, 0, (int(height), int(width)), int(chunk), ngff_version)
-        return cls(path, group)
+        return cls(path, group, earlier)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> LabelStore:
@@ -249,7 +255,12 @@ class LabelStore:
         block = _as_labels(block)
         if block.shape != (y1 - y0, x1 - x0):
             raise ValueError(f"chunk ({cy}, {cx}) must have shape {(y1 - y0, x1 - x0)}, got {block.shape}")
-        self.level0[y0:y1, x0:x1] = block
+        self.ledger.put((0, cy, cx), block, lambda: self.level0.__setitem__((slice(y0, y1), slice(x0, x1)), block))
+
+    @property
+    def chunk_table(self) -> ChunkTable:
+        """Every chunk file written through this object (a store written by several processes: each one's)."""
+        return self.ledger.table
 
     def finalize(
         self,
@@ -292,7 +303,11 @@ class LabelStore:
         targets = sorted({(cy // 2, cx // 2) for cy, cx in _stored_chunks(self.path, level - 1, self.ngff)})
 
         def one(index: tuple[int, int]) -> None:
-            _downsample_chunk(src, dst, index[0], index[1], self.chunk)
+            cy, cx = index
+            ys, xs = _chunk_slices(cy, cx, self.chunk, shape)
+            below = [(level - 1, 2 * cy + dy, 2 * cx + dx) for dy in (0, 1) for dx in (0, 1)]
+            self.ledger.put_derived((level, cy, cx), below, lambda: _downsampled(src, ys, xs),
+                                    lambda block: dst.__setitem__((ys, xs), block))
 
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:

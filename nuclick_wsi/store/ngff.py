@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_NGFF",
     "NGFF_VERSIONS",
     "array_options",
+    "chunk_key",
     "chunk_prefix",
     "check_version",
     "metadata_file",
@@ -53,6 +54,11 @@ def metadata_file(version: str) -> str:
 def chunk_prefix(version: str) -> str:
     """Folder inside an array that holds its chunk rows: ``""`` (v2 keys ``cy/cx``) or ``"c"`` (v3)."""
     return "" if zarr_format(version) == 2 else "c"
+
+
+def chunk_key(version: str, level: int, cy: int, cx: int) -> str:
+    """Relative path of chunk (cy, cx) of level ``level`` in a store: ``level/cy/cx`` (v2) or ``level/c/cy/cx`` (v3)."""
+    return "/".join(p for p in (str(level), chunk_prefix(version), str(cy), str(cx)) if p)
 
 
 def array_options(version: str) -> dict[str, Any]:

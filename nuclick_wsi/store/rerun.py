@@ -8,6 +8,10 @@
       pieces.bin   each piece's mask and seed (packed bits) and probabilities (float16), zlib-compressed
       outlines.bin the traced outlines (WKB, zlib) of the final instance masks, by a hash of mask and place
 
+``state.json`` also holds the store's chunk table (:class:`~nuclick_wsi.store.chunks.ChunkTable`: per
+chunk file of every level, a digest of its labels and the SHA-256 of its bytes), so a rerun copies
+the chunk files whose labels did not change instead of encoding them again.
+
 A piece is what the network and post-processing made of one click before stitching (a function of
 the click's patch alone), so a rerun stitches it again instead of recomputing it. The report of the
 run holds the SHA-256 of ``state.json`` and ``state.json`` that of ``pieces.bin``: a state that does
@@ -27,7 +31,10 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "nuclick-wsi-rerun/1"
+from nuclick_wsi.store.chunks import ChunkTable
+
+FORMAT = "nuclick-wsi-rerun/2"  #: /2: with the chunk table
+FORMAT_1 = "nuclick-wsi-rerun/1"  #: read too: an upgrade keeps the folder's ids
 FOLDER = "nuclick-rerun"
 
 
@@ -67,12 +74,13 @@ class PackedPiece:
 
 @dataclass
 class RerunState:
-    """A run's fingerprint, id table (as JSON) and pieces by signature."""
+    """A run's fingerprint, id table (as JSON), pieces by signature, outlines and label-store chunks."""
 
     fingerprint: dict[str, Any]
     ids: dict[str, Any]
     pieces: dict[str, PackedPiece]
     outlines: dict[str, bytes] = field(default_factory=dict)  #: WKB by outline key
+    chunks: ChunkTable = field(default_factory=ChunkTable)  #: the label store's chunk files
 
 
 def sha256(data: bytes) -> str:
@@ -101,7 +109,8 @@ def write_state(store: str | os.PathLike, state: RerunState) -> str:
            "pieces": {"columns": ["signature", "x0", "y0", "h", "w", "confidence", "offset", "bytes"], "rows": rows},
            "blob": {"bytes": len(blob), "sha256": sha256(blob)},
            "outlines": {"keys": keys, "sizes": [len(state.outlines[k]) for k in keys], "bytes": len(lines),
-                        "sha256": sha256(lines)}}
+                        "sha256": sha256(lines)},
+           "chunks": state.chunks.to_json()}
     text = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
     (folder / "state.json").write_bytes(text)
     return sha256(text)
@@ -126,7 +135,7 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
         raise ValueError(f"{folder / 'state.json'} does not match its run's report")
     try:
         doc = json.loads(text)
-        if doc.get("format") != FORMAT:
+        if doc.get("format") not in (FORMAT, FORMAT_1):
             raise ValueError(f"format {doc.get('format')!r}, not {FORMAT}")
         if doc["blob"]["bytes"] != len(blob) or doc["blob"]["sha256"] != sha256(blob):
             raise ValueError("pieces.bin does not match state.json")
@@ -139,7 +148,9 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
             if off < 0 or off + n > len(blob):
                 raise ValueError(f"piece {sig} lies outside pieces.bin")
             pieces[str(sig)] = PackedPiece(int(x0), int(y0), int(h), int(w), float(conf), blob[off:off + n])
-        return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, _outlines(doc["outlines"], lines))
+        return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, _outlines(doc["outlines"], lines),
+                          ChunkTable.from_json(doc["chunks"]) if "chunks" in doc or doc["format"] == FORMAT
+                          else ChunkTable())  # /1: no chunk table (nothing copied), ids and pieces as ever
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{folder / 'state.json'}: malformed ({exc})") from None
 

@@ -24,6 +24,7 @@ from nuclick_wsi.engine.identity import IdTable
 from nuclick_wsi.io.annotations import read_prompts
 from nuclick_wsi.io.slides.registry import open_slide
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
+from nuclick_wsi.store import ngff
 from nuclick_wsi.store.labels import open_labels
 from nuclick_wsi.store.rerun import FOLDER, read_state
 
@@ -66,10 +67,10 @@ def outputs(out: Path) -> dict[str, str]:
     return got
 
 
-def from_scratch_with_same_ids(before: Path, slide, pts, ref: Path, model=None) -> dict[str, str]:
+def from_scratch_with_same_ids(before: Path, slide, pts, ref: Path, model=None, **opts) -> dict[str, str]:
     """The outputs of a from-scratch run (every click recomputed) with the id table ``before`` held."""
     shutil.copytree(before, ref)
-    r = run(slide, pts, ref, model, recompute=True)
+    r = run(slide, pts, ref, model, recompute=True, **opts)
     assert r.report["rerun"]["reused"] == 0
     return outputs(ref)
 
@@ -263,3 +264,81 @@ def test_full_starts_a_fresh_id_table(case, caplog):
     assert [r.getMessage() for r in caplog.records] == ["full run: --full"]  # one log line says why
     assert again.report["rerun"] == {**again.report["rerun"], "mode": "full", "why_full": "--full", "reused": 0}
     assert [r["instance_id"] for r in again.report["clicks"]] == list(range(1, len(clicks) + 1))
+
+
+def chunk_rows(out: Path, report) -> dict:
+    """The chunk table of the rerun state in ``out`` (per (level, cy, cx): labels digest, file SHA-256)."""
+    return read_state(out / "slide.labels.zarr", report["rerun"]["state_sha256"]).chunks.rows
+
+
+def changed_level0_chunks(a, b, chunk: int) -> set[tuple[int, int, int]]:
+    """Level-0 chunks holding labels in ``b`` that differ from ``a``'s."""
+    return {(0, cy, cx) for cy in range(-(-a.shape[0] // chunk)) for cx in range(-(-a.shape[1] // chunk))
+            if (b[cy * chunk:(cy + 1) * chunk, cx * chunk:(cx + 1) * chunk]
+                != a[cy * chunk:(cy + 1) * chunk, cx * chunk:(cx + 1) * chunk]).any()
+            and b[cy * chunk:(cy + 1) * chunk, cx * chunk:(cx + 1) * chunk].any()}
+
+
+def spoil(store: Path, version: str, key, how: str) -> None:
+    path = store / ngff.chunk_key(version, *key)
+    if how == "delete":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_rerun_copies_the_chunk_files_it_did_not_touch_and_encodes_the_others(case, version, damaged):
+    slide, clicks, tmp = case
+    out, chunk = tmp / "out", 128  # 4 x 3 chunks, pyramid 2 x 2 and 1
+    first = run(slide, write(tmp / "a.csv", clicks), out, chunk=chunk, ngff=version)
+    before = tmp / "before"
+    shutil.copytree(out, before)
+    old_rows, old_labels = chunk_rows(out, first.report), open_labels(out / "slide.labels.zarr")[:]
+    k = min(range(len(clicks)), key=lambda j: math.hypot(clicks[j][0] - 300, clicks[j][1] - 190))  # chunk (1, 2)
+    moved = (round(clicks[k][0] + 3.4, 2), round(clicks[k][1] - 2.2, 2), clicks[k][2])
+    pts = write(tmp / "b.csv", clicks[:k] + [moved] + clicks[k + 1:])
+    spoilt = []
+    if damaged:  # chunk files far from the edit: their labels are unchanged, their bytes not
+        spoilt = [(0, 0, 0), (0, 2, 0), (1, 0, 0)]
+        for key, how in zip(spoilt, ("alter", "delete", "alter")):
+            spoil(out / "slide.labels.zarr", version, key, how)
+    again = run(slide, pts, out, chunk=chunk, ngff=version)
+    rows, labels = chunk_rows(out, again.report), open_labels(out / "slide.labels.zarr")[:]
+    changed = {key for key in rows if old_rows.get(key) != rows[key]}
+    touched = changed_level0_chunks(old_labels, labels, chunk)
+    assert touched and {key for key in changed if key[0] == 0} == touched  # level 0: the chunks the edit touched
+    assert not set(spoilt) & changed and set(spoilt) <= set(rows)  # the spoilt files hold the same labels
+    rerun = again.report["rerun"]
+    assert rerun["mode"] == "incremental"
+    assert rerun["chunks_written"] == len(changed) + len(spoilt)  # touched or spoilt: encoded
+    assert rerun["chunks_copied"] == len(rows) - len(changed) - len(spoilt) > 0  # the rest: copied
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, pts, tmp / "ref", chunk=chunk, ngff=version)
+    ref = json.loads((tmp / "ref" / "slide.report.json").read_text())["rerun"]
+    assert ref["chunks_copied"] == 0 and ref["chunks_written"] == len(rows)
+
+
+def test_a_state_of_the_older_format_keeps_the_ids_and_copies_no_chunk(case):
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    first = run(slide, write(tmp / "a.csv", clicks), out)
+    state = out / "slide.labels.zarr" / FOLDER / "state.json"
+    doc = json.loads(state.read_bytes())
+    doc["format"] = "nuclick-wsi-rerun/1"
+    del doc["chunks"]
+    state.write_bytes(json.dumps(doc, sort_keys=True).encode())
+    rep = dict(first.report, rerun=dict(first.report["rerun"], state_sha256=hashlib.sha256(state.read_bytes()).hexdigest()))
+    (out / "slide.report.json").write_text(json.dumps(rep))
+    before = tmp / "before"
+    shutil.copytree(out, before)
+    edited = clicks[::-1] + [(300.37, 190.12, "A")]
+    again = run(slide, write(tmp / "b.csv", edited), out)
+    rerun = again.report["rerun"]
+    assert rerun["mode"] == "incremental" and rerun["chunks_copied"] == 0 and rerun["chunks_written"] > 0
+    assert rerun["ids"]["kept"] == len(clicks)
+    old, now = ids_by_click(first.report), ids_by_click(again.report)
+    assert all(now[k] == v for k, v in old.items())
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, tmp / "b.csv", tmp / "ref")

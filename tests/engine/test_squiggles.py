@@ -631,7 +631,7 @@ def test_batch_rows_with_squiggles_use_the_gland_weights(trained_gland_model, tm
     from nuclick_wsi.cli.main import main
     ckpt, _ = trained_gland_model
     labels = random_glands(384, 2, seed=7, axes=(25, 45))
-    slide = write_tiff_slide(tmp_path / "g.tif", 384, 384, 0.5, rgb=paint(labels, texture=10, seed=5))
+    write_tiff_slide(tmp_path / "g.tif", 384, 384, 0.5, rgb=paint(labels, texture=10, seed=5))
     qupath_file(tmp_path / "g.geojson", [], [user_squiggle(labels == i) for i in (1, 2)])
     (tmp_path / "m.csv").write_text("slide,points\ng.tif,g.geojson\n")
     r = CliRunner().invoke(main, ["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "a"), "--device", "cpu", "-q"])

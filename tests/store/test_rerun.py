@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
+from nuclick_wsi.store.chunks import ChunkTable
 from nuclick_wsi.store.rerun import FOLDER, PackedPiece, RerunState, read_state, write_state
 
 
@@ -33,7 +37,10 @@ def state():
     pieces = {f"{k:032x}": PackedPiece.pack(k, 2 * k, *some_piece(k), 0.5 + k / 10) for k in range(4)}
     pieces["f" * 32] = PackedPiece(reason="nothing segmented: below threshold")
     outlines = {"9" * 32: b"\x01\x03polygon", "1" * 32: b"", "5" * 32: bytes(range(256))}
-    return RerunState({"mpp": 0.25, "model": {"weights_sha256": "ab"}}, {"next_id": 6, "rows": []}, pieces, outlines)
+    chunks = ChunkTable({"ngff": "0.5", "chunk": 64}, {(1, 0, 2): ("d1", "s1"), (0, 3, 1): ("d0", "s0"),
+                                                       (0, 0, 12): ("d2", "s2")})
+    return RerunState({"mpp": 0.25, "model": {"weights_sha256": "ab"}}, {"next_id": 6, "rows": []}, pieces, outlines,
+                      chunks)
 
 
 def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
@@ -47,6 +54,27 @@ def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
     want = state()
     assert back.fingerprint == want.fingerprint and back.ids == want.ids
     assert back.pieces == want.pieces and back.outlines == want.outlines
+    assert back.chunks == want.chunks and back.chunks.rows[(0, 3, 1)] == ("d0", "s0")
+    doc = json.loads((tmp_path / "a" / FOLDER / "state.json").read_bytes())
+    assert doc["format"] == "nuclick-wsi-rerun/2"
+    assert [row[:3] for row in doc["chunks"]["rows"]] == [[0, 0, 12], [0, 3, 1], [1, 0, 2]]  # sorted by key
+
+
+def test_a_state_of_the_older_format_is_read_without_a_chunk_table(tmp_path):
+    """/1 (before chunk tables): its ids and pieces still count, so an upgrade keeps the folder's ids."""
+    want = state()
+    write_state(tmp_path, want)
+    path = tmp_path / FOLDER / "state.json"
+    doc = json.loads(path.read_bytes())
+    doc["format"] = "nuclick-wsi-rerun/1"
+    del doc["chunks"]
+    path.write_text(json.dumps(doc))
+    back = read_state(tmp_path, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert back.ids == want.ids and back.pieces == want.pieces and not back.chunks.rows
+    doc["format"] = "nuclick-wsi-rerun/0"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="format 'nuclick-wsi-rerun/0'"):
+        read_state(tmp_path, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 @pytest.mark.parametrize("damage", ["flip a byte of pieces.bin", "truncate pieces.bin", "edit state.json",
