@@ -29,7 +29,26 @@ def commit_outputs(temps: dict[str, Path], paths: dict[str, Path], report: dict[
     between leaves a folder that reads as incomplete and is redone.
     """
     with atomic_output(temps["report"]) as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.write_text(report_text(report))
     remove_path(paths["report"])
     for key in [k for k in temps if k != "report"] + ["report"]:
         replace_file(temps[key], paths[key])
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The report as indented JSON, each record of a top-level list of records (``clicks``) on one line.
+
+    One line per click reads well and is fast: json's indenting encoder is pure Python (0.2 s for
+    5,000 clicks, a tenth of a small rerun), a record on one line goes through its C encoder.
+    """
+    items = list(report.items())
+    lines = ["{"]
+    for n, (key, value) in enumerate(items):
+        comma = "," if n < len(items) - 1 else ""
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            rows = ",\n".join("  " + json.dumps(v) for v in value)
+            lines.append(f" {json.dumps(key)}: [\n{rows}\n ]{comma}")
+        else:
+            lines.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1).replace("\n", "\n ") + comma)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
