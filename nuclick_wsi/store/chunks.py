@@ -48,7 +48,8 @@ def block_digest(block: np.ndarray) -> str:
 def layout(version: str, chunk: int, height: int, width: int) -> dict[str, Any]:
     """What a chunk file's key and bytes depend on besides its labels (tables of another layout never mix)."""
     return {"ngff": version, "chunk": int(chunk), "shape": [int(height), int(width)],
-            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__}
+            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
+            "codec": {k: repr(v) for k, v in sorted(ngff.array_options(version).items())}}
 
 
 def chunk_file(root: Path, version: str, key: Key) -> Path:

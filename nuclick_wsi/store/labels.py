@@ -300,14 +300,21 @@ class LabelStore:
     def _build_level(self, level: int, shape: tuple[int, int], workers: int) -> None:
         src = self._group[str(level - 1)]
         dst = _create_level(self._group, level, shape, self.chunk, self.ngff)
-        targets = sorted({(cy // 2, cx // 2) for cy, cx in _stored_chunks(self.path, level - 1, self.ngff)})
+        stored = _stored_chunks(self.path, level - 1, self.ngff)
+        targets = sorted({(cy // 2, cx // 2) for cy, cx in stored})
+        # the ledger knows the level below only if this object wrote all of it (not another process via open())
+        known = stored == {(cy, cx) for lv, cy, cx in self.ledger.table.rows if lv == level - 1}
 
         def one(index: tuple[int, int]) -> None:
             cy, cx = index
             ys, xs = _chunk_slices(cy, cx, self.chunk, shape)
             below = [(level - 1, 2 * cy + dy, 2 * cx + dx) for dy in (0, 1) for dx in (0, 1)]
-            self.ledger.put_derived((level, cy, cx), below, lambda: _downsampled(src, ys, xs),
-                                    lambda block: dst.__setitem__((ys, xs), block))
+            key, write = (level, cy, cx), (lambda block: dst.__setitem__((ys, xs), block))
+            if known:
+                self.ledger.put_derived(key, below, lambda: _downsampled(src, ys, xs), write)
+            else:  # judged by its computed labels only
+                block = _downsampled(src, ys, xs)
+                self.ledger.put(key, block, lambda: write(block))
 
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:

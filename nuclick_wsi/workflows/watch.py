@@ -25,6 +25,7 @@ from typing import Any
 
 from nuclick_wsi._util.text import first_line
 from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.outputs.signals import Terminated
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.pipeline import SegmentOptions, SegmentResult, segment
 from nuclick_wsi.workflows.qupath_project import ProjectRun, QuPathProject, read_project, run_project
@@ -32,13 +33,17 @@ from nuclick_wsi.workflows.qupath_project import ProjectRun, QuPathProject, read
 __all__ = ["file_signature", "folder_signature", "watch", "watch_project", "watch_segment"]
 
 
-def file_signature(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(modification time in ns, size) of a file; None when it does not exist."""
+def file_signature(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """(modification and change times in ns, size, inode) of a file; None when it does not exist.
+
+    The change time and inode catch a rewrite of the same size within a coarse file-system clock
+    (a moved click in a CSV) and a file replaced by another.
+    """
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
 
 def folder_signature(folder: str | os.PathLike, *files: str | os.PathLike) -> tuple:
@@ -65,10 +70,12 @@ def watch(signature: Callable[[], Hashable], run: Callable[[], None], *, interva
           say: Callable[[str], None] = lambda line: None,
           sleep: Callable[[float], None] = time.sleep) -> WatchStats:
     """Call ``run`` now, then again each time ``signature()`` changes and has stayed the same for
-    ``settle`` seconds; poll every ``interval`` seconds until ``stop()`` is true (or Ctrl-C).
+    ``settle`` seconds; poll every ``interval`` seconds until ``stop()`` is true.
 
-    A :class:`NuclickError` from ``run`` is said in one line and the watch goes on; any other error
-    ends it (a bug is not to be retried every second).
+    A run that raises is said in one line and the watch goes on (the next change tries again): a
+    :class:`NuclickError` as its message, anything else (a file held by another program, a bug) as
+    "unexpected" with its type. Ctrl-C ends the watch and returns; SIGTERM and SIGHUP
+    (:class:`~nuclick_wsi.outputs.signals.Terminated`) end it and are raised again, for the exit status.
     """
     stats = WatchStats()
 
@@ -79,23 +86,31 @@ def watch(signature: Callable[[], Hashable], run: Callable[[], None], *, interva
         except NuclickError as exc:
             stats.failed += 1
             say(f"failed: {first_line(exc)} (still watching)")
+        except Exception as exc:  # noqa: BLE001 - one failed run must not end a watch
+            stats.failed += 1
+            say(f"failed: unexpected {first_line(exc, typed=True)} (still watching)")
 
-    last = signature()
-    attempt()
     try:
+        last = signature()
+        attempt()
         while not (stop and stop()):
             sleep(interval)
             now = signature()
             if now == last:
                 continue
-            while True:  # wait until the file(s) stop changing
+            while not (stop and stop()):  # wait until the file(s) stop changing
                 sleep(settle)
                 again = signature()
                 if again == now:
                     break
                 now = again
+            else:
+                break
             last = now
             attempt()
+    except Terminated:
+        say("stopped watching (terminated)")
+        raise
     except KeyboardInterrupt:
         say("stopped watching")
     return stats
@@ -125,13 +140,13 @@ def watch_segment(slide_path: str | os.PathLike, points_path: str | os.PathLike,
     """
     models = models or Models()
     opts = options or SegmentOptions()
-    first = [True]
+    done_once = [False]  # --full holds until a run succeeds
 
     def run() -> None:
         t = time.perf_counter()
-        o = opts if first[0] else _without_full(opts)
-        first[0] = False
-        result = segment(slide_path, points_path, out_dir, options=o, models=models, stem=stem)
+        result = segment(slide_path, points_path, out_dir, options=_without_full(opts) if done_once[0] else opts,
+                         models=models, stem=stem)
+        done_once[0] = True
         say(f"{time.strftime('%H:%M:%S')} {Path(points_path).name}: {describe(result, time.perf_counter() - t)}")
         if on_result is not None:
             on_result(result)
@@ -158,13 +173,20 @@ def watch_project(project: QuPathProject | str | os.PathLike, *, options: Segmen
     # a project that cannot be read is an error now, not every second
     first_proj = project if isinstance(project, QuPathProject) else read_project(project)
     clicks_dir, project_file = first_proj.clicks_dir, first_proj.file
-    first = [True]
+    passed = [False]  # --force and --full hold until a pass has no failed image
+    seen: dict[str, Any] = {}  # clicks file -> its signature when the last pass started
 
     def run() -> None:
-        proj = first_proj if first[0] else read_project(project_file)
-        o, f = (opts, force) if first[0] else (_without_full(opts), False)
-        first[0] = False
-        done = run_project(proj, options=o, models=models, bounds_offset=bounds_offset, force=f, log=None)
+        proj = read_project(project_file) if passed[0] else first_proj
+        o, f = (_without_full(opts), False) if passed[0] else (opts, force)
+        now = {e: file_signature(proj.clicks_dir / e) for e in _names(proj.clicks_dir)}
+        # exported again since the last pass began (maybe while it ran, after it read the file):
+        # redone whatever the results' times say
+        redo = {str(proj.clicks_dir / e) for e, sig in now.items() if e in seen and seen[e] != sig}
+        done = run_project(proj, options=o, models=models, bounds_offset=bounds_offset, force=f, redo=redo, log=None)
+        seen.clear()
+        seen.update(now)
+        passed[0] = passed[0] or not done.failed
         for image in done.images:
             if image.status in ("segmented", "failed"):
                 say(f"{time.strftime('%H:%M:%S')} {image.name}: {image.status}: {image.message} "
@@ -175,6 +197,14 @@ def watch_project(project: QuPathProject | str | os.PathLike, *, options: Segmen
     say(f"watching {clicks_dir} (Ctrl-C to stop)")
     return watch(lambda: folder_signature(clicks_dir, project_file), run, interval=interval, settle=settle,
                  stop=stop, say=say, sleep=sleep)
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(e.name for e in it if e.is_file())
+    except OSError:
+        return []
 
 
 def _without_full(opts: SegmentOptions) -> SegmentOptions:

@@ -129,3 +129,24 @@ def test_a_chunk_written_again_as_all_zero_leaves_the_table(tmp_path):
     assert set(store.chunk_table.rows) == {(0, 1, 2)}
     store.write_chunk(1, 2, np.zeros((C, C), np.uint32))  # zarr removes the chunk file
     assert store.chunk_table.rows == {} and not (tmp_path / "a.zarr" / "0" / "1" / "2").exists()
+
+
+def test_a_chunk_another_process_wrote_is_not_mistaken_for_an_unchanged_one(tmp_path, version):
+    """A chunk written through LabelStore.open (another writer) is not in this store's ledger: the
+    pyramid above it is computed, not copied from the earlier store, and equals a fresh store's."""
+    c, w, h = 32, 256, 256
+    same, new = np.full((c, c), 7, np.uint32), np.full((c, c), 9, np.uint32)
+    a = LabelStore.create(tmp_path / "a.zarr", w, h, chunk=c, mpp=None, ngff_version=version)
+    a.write_chunk(0, 0, same)
+    a.finalize([])
+    b = LabelStore.create(tmp_path / "b.zarr", w, h, chunk=c, mpp=None, ngff_version=version,
+                          earlier=EarlierStore(tmp_path / "a.zarr", a.chunk_table))
+    b.write_chunk(0, 0, same)
+    LabelStore.open(tmp_path / "b.zarr").write_chunk(0, 1, new)  # where the earlier store had nothing
+    b.finalize([])
+    fresh = LabelStore.create(tmp_path / "f.zarr", w, h, chunk=c, mpp=None, ngff_version=version)
+    fresh.write_chunk(0, 0, same)
+    fresh.write_chunk(0, 1, new)
+    fresh.finalize([])
+    assert files(tmp_path / "b.zarr") == files(tmp_path / "f.zarr")
+    assert b.ledger.copied >= 1  # level 0's unchanged chunk was still copied

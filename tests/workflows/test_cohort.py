@@ -171,7 +171,7 @@ def test_batch_outputs_equal_segment(tmp_path):
     assert res.ok and [r.status for r in res.results] == ["segmented", "segmented"]
     assert res.results[0].clicks == 5 and res.results[0].segmented == 5
     segment(tmp_path / "slides" / "s1.tif", tmp_path / "clicks" / "s1.csv", tmp_path / "single",
-              options=SegmentOptions(progress=False), models=Models(nuclei=model))
+            options=SegmentOptions(progress=False), models=Models(nuclei=model))
     a = {k: v for k, v in deterministic_files(tmp_path / "out").items() if k.startswith("s1.")}
     assert a == deterministic_files(tmp_path / "single") and a
     assert leftovers(tmp_path / "out") == []

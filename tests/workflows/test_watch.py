@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
+from queue import Empty, Queue
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,11 +46,39 @@ def touch_later(path: Path) -> None:
 
 
 def test_watch_runs_once_then_only_after_a_settled_change():
-    sigs = iter([0, 0, 0, 1, 2, 2, 2, 2])  # initial, poll (same), poll (same), changed, changing, settled...
-    runs = []
-    watch(lambda: next(sigs), lambda: runs.append(1), interval=0, settle=0, stop=lambda: len(runs) >= 2,
-          sleep=lambda s: None)
-    assert len(runs) == 2  # the first run, and one more after 1 -> 2 -> 2 (not one per change seen)
+    # initial, two polls unchanged, a change seen while still changing (1 -> 2), settled (2, 2), quiet polls
+    sigs = iter([0, 0, 0, 1, 2, 2, 2, 2])
+    state = {"sig": 0}
+
+    def signature():
+        state["sig"] = next(sigs, None)
+        return state["sig"]
+
+    ran_at = []
+    watch(signature, lambda: ran_at.append(state["sig"]), interval=0, settle=0,
+          stop=lambda: state["sig"] is None, sleep=lambda s: None)
+    assert ran_at == [0, 2]  # the first run, then one for the settled change (not one per change seen)
+
+
+def test_ctrl_c_stops_the_watch_quietly_and_a_termination_is_raised_again():
+    from nuclick_wsi.outputs.signals import Terminated
+
+    def interrupted(exc):
+        def sleep(seconds):
+            raise exc
+        return sleep
+
+    said = []
+    stats = watch(lambda: 0, lambda: None, sleep=interrupted(KeyboardInterrupt()), say=said.append)
+    assert stats.runs == 1 and said == ["stopped watching"]
+    with pytest.raises(Terminated):
+        watch(lambda: 0, lambda: None, sleep=interrupted(Terminated(15)), say=said.append)
+    assert said[-1] == "stopped watching (terminated)"
+
+    def first_run():  # Ctrl-C during the first run stops the watch the same way
+        raise KeyboardInterrupt
+
+    assert watch(lambda: 0, first_run, say=said.append).runs == 1 and said[-1] == "stopped watching"
 
 
 def test_a_failing_rerun_is_said_and_the_watch_goes_on(tmp_path):
@@ -59,11 +90,14 @@ def test_a_failing_rerun_is_said_and_the_watch_goes_on(tmp_path):
         calls.append(1)
         if len(calls) == 2:
             raise NuclickError(f"{tmp_path}/clicks.geojson: not valid JSON\nsecond line")
+        if len(calls) == 3:  # say, the results file held by another program on Windows
+            raise PermissionError(13, "Permission denied", str(tmp_path / "s.geojson"))
 
-    stats = watch(lambda: len(calls), run, interval=0, settle=0, stop=lambda: len(calls) >= 3, say=said.append,
+    stats = watch(lambda: len(calls), run, interval=0, settle=0, stop=lambda: len(calls) >= 4, say=said.append,
                   sleep=lambda s: None)
-    assert (stats.runs, stats.failed) == (3, 1)
-    assert said == [f"failed: {tmp_path}/clicks.geojson: not valid JSON (still watching)"]
+    assert (stats.runs, stats.failed) == (4, 2)
+    assert said[0] == f"failed: {tmp_path}/clicks.geojson: not valid JSON (still watching)"
+    assert said[1].startswith("failed: unexpected PermissionError: ") and said[1].endswith("(still watching)")
 
 
 def test_watch_segment_reruns_incrementally_with_the_model_it_holds(tmp_path):
@@ -85,6 +119,9 @@ def test_watch_segment_reruns_incrementally_with_the_model_it_holds(tmp_path):
 
     results, said = [], []
     models = Models(nuclei=guided_model())
+    made = []
+    real_predictor = Models.predictor
+    models.predictor = lambda *a, **k: made.append(p := real_predictor(models, *a, **k)) or p
     script = Script({0: add_click, 3: break_file}, total=6)
     stats = watch_segment(slide, pts, out, options=OPTS, models=models, interval=0.01, settle=0.01,
                           stop=script.done, say=said.append, on_result=results.append, sleep=script)
@@ -98,7 +135,7 @@ def test_watch_segment_reruns_incrementally_with_the_model_it_holds(tmp_path):
     assert all(now[k] == v for k, v in old.items()) and now[new][0] == len(clicks) + 1
     assert outputs(out) == bad_before  # the failed third run left the second's outputs as they were
     assert "incremental: " in said[2] and said[-1].startswith("failed: ") and str(pts) in said[-1]
-    assert len(models._predictors) == 1  # one predictor (network loaded and compiled once) for every run
+    assert len(made) == 2 and made[0] is made[1]  # one predictor (network loaded, compiled once) for both runs
 
 
 @pytest.fixture
@@ -131,6 +168,52 @@ def test_watch_project_redoes_only_the_image_whose_clicks_changed(project):
     assert sum("b.tif: segmented" in line for line in said) == 2 and sum("a.tif" in line for line in said) == 1
 
 
+def test_full_holds_until_a_run_succeeds(tmp_path):
+    slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, 0.25)
+    clicks = grid_clicks(512, 384)
+    out = tmp_path / "out"
+    models = Models(nuclei=guided_model())
+    pts = write(tmp_path / "clicks.csv", clicks)
+    watch_segment(slide, pts, out, options=OPTS, models=models, stop=lambda: True)  # an earlier run's ids
+    pts.write_text("x,y\nbroken,\n")  # the first run of the --full watch fails
+
+    def fix():
+        write(pts, clicks[::-1])  # reversed: a fresh id table numbers them in this order
+        touch_later(pts)
+
+    results = []
+    script = Script({0: fix}, total=3)
+    stats = watch_segment(slide, pts, out, options=replace(OPTS, full=True), models=models, interval=0.01,
+                          settle=0.01, stop=script.done, on_result=results.append, sleep=script)
+    assert (stats.runs, stats.failed) == (2, 1)
+    rerun = results[0].report["rerun"]
+    assert rerun["mode"] == "full" and rerun["why_full"] == "--full"
+    assert [r["instance_id"] for r in results[0].report["clicks"]] == list(range(1, len(clicks) + 1))
+
+
+def test_watch_project_redoes_an_export_made_while_a_pass_ran(project, monkeypatch):
+    """The results of a pass are newer than an export made during it; the next pass still redoes it."""
+    import nuclick_wsi.pipeline as pipeline
+
+    proj, a, b = project
+    real, reads = pipeline.read_prompts, []
+
+    def read_then_export(path, **kw):
+        prompts = real(path, **kw)
+        reads.append(Path(path).name)
+        if len(reads) == 1:  # the user exports a third click while the first pass segments a.tif
+            write_clicks(proj, a.name, [point_feature(100.5, 100.5), point_feature(300, 200), point_feature(250, 60)])
+        return prompts
+
+    monkeypatch.setattr(pipeline, "read_prompts", read_then_export)
+    passes = []
+    script = Script({}, total=3)
+    watch_project(proj, options=OPTS, models=Models(nuclei=guided_model()), interval=0.01, settle=0.01,
+                  stop=script.done, on_run=passes.append, sleep=script)
+    assert [[o.status for o in p.images] for p in passes] == [["segmented", "segmented"], ["segmented", "complete"]]
+    assert passes[1].images[0].totals["clicks"] == 3
+
+
 def test_cli_segment_watch_reruns_on_export_and_stops_on_ctrl_c(tmp_path):
     slide = write_tiff_slide(tmp_path / "slide.tif", 384, 256, 0.25)
     clicks = grid_clicks(384, 256, step=60)
@@ -139,14 +222,16 @@ def test_cli_segment_watch_reruns_on_export_and_stops_on_ctrl_c(tmp_path):
     proc = subprocess.Popen([*NUCLICK, "segment", str(slide), "--points", str(pts), "-o", str(tmp_path / "out"),
                              "--weights", str(weights), "--device", "cpu", "--precision", "fp32", "--no-qc",
                              "--watch", "-q"], env=SUB_ENV, stderr=subprocess.PIPE, text=True)
-    lines = []
+    lines, queue = [], Queue()
+    threading.Thread(target=lambda: [queue.put(line) for line in proc.stderr], daemon=True).start()
     try:
         def wait_for(text: str) -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                line = proc.stderr.readline()
-                if not line:
-                    break
+                try:
+                    line = queue.get(timeout=1)
+                except Empty:
+                    continue
                 lines.append(line)
                 if text in line:
                     return
@@ -160,7 +245,7 @@ def test_cli_segment_watch_reruns_on_export_and_stops_on_ctrl_c(tmp_path):
         wait_for("incremental: ")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-        assert "stopped watching" in proc.stderr.read()
+        wait_for("stopped watching")
     finally:
         proc.kill()
-    assert f"of {len(clicks) + 1} clicks segmented" in lines[-1]
+    assert any(f"of {len(clicks) + 1} clicks segmented" in line and "incremental: " in line for line in lines)

@@ -6,7 +6,7 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ class ProjectRun:
 
 def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentOptions | None = None,
                 models: Models | None = None, bounds_offset: bool | None = None, force: bool = False,
-                log: Callable[[str], None] | None = None) -> ProjectRun:
+                redo: Collection[str] = (), log: Callable[[str], None] | None = None) -> ProjectRun:
     """Segment the exported clicks of every image of a QuPath project.
 
     For each image with ``PROJECT/nuclick/clicks/<name>.geojson``: resolve its slide from the
@@ -86,6 +86,9 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
         Force QuPath's cropped frame (True) or the full frame (False) for every image.
     force : bool
         Redo images whose outputs are complete.
+    redo : collection of str
+        Clicks files (paths as str) whose images are redone even when their outputs look complete
+        (``--watch``: exported again while a pass ran, so older than the results they are newer than).
     log : callable, optional
         Receives one line per image as it is done.
 
@@ -116,7 +119,8 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
         out = ImageOutcome(name=image.name, status="failed", clicks=proj.clicks_file(image))
         outcomes.append(out)
         try:
-            image_opts = _prepare(proj, image, out, opts, by_file, force, bounds_offset)
+            image_opts = _prepare(proj, image, out, opts, by_file,
+                                  force or (out.clicks is not None and str(out.clicks) in redo), bounds_offset)
             if image_opts is not None:
                 _segment_one(image, out, image_opts, models, results)
         except ModelError as exc:
