@@ -49,14 +49,14 @@ def qupath_run(project, formats, object_type, roi, force, gland_weights, quiet, 
                           precision=precision, tta=tta, runtime=runtime, batch_size=batch_size, progress=False, roi=roi, ngff=ngff, qc=qc,
                           full=full)
     log = None if quiet else (lambda line: click.echo(line, err=True))
+    models = Models.from_flags(weights, gland_weights)
     if watch:
         from nuclick_wsi.workflows.watch import watch_project
 
-        watch_project(proj, options=opts, models=Models.from_flags(weights, gland_weights), bounds_offset=forced,
-                      force=force, say=lambda line: click.echo(line, err=True))
+        watch_project(proj, options=opts, models=models, bounds_offset=forced, force=force,
+                      say=lambda line: click.echo(line, err=True))
         return
-    run = run_project(proj, options=opts, models=Models.from_flags(weights, gland_weights), bounds_offset=forced,
-                      force=force, log=log)
+    run = run_project(proj, options=opts, models=models, bounds_offset=forced, force=force, log=log)
     counts = run.counts()
     parts = [f"{counts.get(k, 0)} {k}" for k in ("segmented", "complete", "no clicks", "failed") if counts.get(k)]
     click.echo(f"{proj.file}: {len(run.images)} image(s): {', '.join(parts) or 'nothing to do'}"

@@ -177,9 +177,9 @@ def watch_project(project: QuPathProject | str | os.PathLike, *, options: Segmen
     seen: dict[str, Any] = {}  # clicks file -> its signature when the last pass started
 
     def run() -> None:
-        proj = read_project(project_file) if passed[0] else first_proj
+        proj = read_project(project_file)  # each pass: images added in QuPath since
         o, f = (_without_full(opts), False) if passed[0] else (opts, force)
-        now = {e: file_signature(proj.clicks_dir / e) for e in _names(proj.clicks_dir)}
+        now = dict(folder_signature(proj.clicks_dir))
         # exported again since the last pass began (maybe while it ran, after it read the file):
         # redone whatever the results' times say
         redo = {str(proj.clicks_dir / e) for e, sig in now.items() if e in seen and seen[e] != sig}
@@ -197,14 +197,6 @@ def watch_project(project: QuPathProject | str | os.PathLike, *, options: Segmen
     say(f"watching {clicks_dir} (Ctrl-C to stop)")
     return watch(lambda: folder_signature(clicks_dir, project_file), run, interval=interval, settle=settle,
                  stop=stop, say=say, sleep=sleep)
-
-
-def _names(folder: Path) -> list[str]:
-    try:
-        with os.scandir(folder) as it:
-            return sorted(e.name for e in it if e.is_file())
-    except OSError:
-        return []
 
 
 def _without_full(opts: SegmentOptions) -> SegmentOptions:
