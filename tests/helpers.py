@@ -463,3 +463,42 @@ def spot_slide_rgb(width: int, height: int, spots, *, tissue=None, radius: float
         m = (xx[r0:r1, c0:c1] + 0.5 - x) ** 2 + (yy[r0:r1, c0:c1] + 0.5 - y) ** 2 <= radius ** 2
         rgb[r0:r1, c0:c1][m] = (90, 50, 140)
     return rgb
+
+
+# --------------------------------------------------------------------------------------------------
+# incremental reruns (tests/engine/test_rerun.py, tests/workflows/test_watch.py)
+
+
+def grid_clicks(width, height, step=45.0, seed=0):
+    """Clicks on a jittered grid, two classes, positions to 0.01 px."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for y in np.arange(20, height - 20, step):
+        for x in np.arange(20, width - 20, step):
+            jx, jy = rng.uniform(-8, 8, 2)
+            out.append((round(x + jx, 2), round(y + jy, 2), "AB"[int(rng.integers(2))]))
+    return out
+
+
+def write_clicks_csv(path: Path, clicks) -> Path:
+    """A CSV clicks file (x,y,class) of (x, y, class) tuples."""
+    path.write_text("x,y,class\n" + "".join(f"{x},{y},{c}\n" for x, y, c in clicks))
+    return path
+
+
+def outputs(out: Path) -> dict[str, str]:
+    """sha256 of every output; the report's without timings, device, rerun section and output paths."""
+    got = {}
+    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+        data = p.read_bytes()
+        if p.name.endswith(".report.json"):
+            rep = json.loads(data)
+            for key in ("timings_s", "device", "rerun", "outputs"):
+                rep.pop(key)
+            data = json.dumps(rep, sort_keys=True).encode()
+        got[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
+    return got
+
+
+def ids_by_click(report) -> dict[tuple, tuple]:
+    return {(r["x"], r["y"], r["class"]): (r["instance_id"], r.get("uuid")) for r in report["clicks"]}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import guided_model, write_tiff_slide
+from tests.helpers import grid_clicks, guided_model, ids_by_click, outputs, write_clicks_csv, write_tiff_slide
 from nuclick_wsi.engine.background import Timer
 from nuclick_wsi.engine.clicks import ClickStrategy
 from nuclick_wsi.engine.identity import IdTable
@@ -37,46 +37,12 @@ def run(slide, pts, out, model=None, **opts):
     return segment(slide, pts, out, options=SegmentOptions(**opts), models=Models(nuclei=model or guided_model()))
 
 
-def grid_clicks(width, height, step=45.0, seed=0):
-    """Clicks on a jittered grid, two classes, positions to 0.01 px."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for y in np.arange(20, height - 20, step):
-        for x in np.arange(20, width - 20, step):
-            jx, jy = rng.uniform(-8, 8, 2)
-            out.append((round(x + jx, 2), round(y + jy, 2), "AB"[int(rng.integers(2))]))
-    return out
-
-
-def write(path: Path, clicks) -> Path:
-    path.write_text("x,y,class\n" + "".join(f"{x},{y},{c}\n" for x, y, c in clicks))
-    return path
-
-
-def outputs(out: Path) -> dict[str, str]:
-    """sha256 of every output; the report's without timings, device, rerun section and output paths."""
-    got = {}
-    for p in sorted(q for q in out.rglob("*") if q.is_file()):
-        data = p.read_bytes()
-        if p.name.endswith(".report.json"):
-            rep = json.loads(data)
-            for key in ("timings_s", "device", "rerun", "outputs"):
-                rep.pop(key)
-            data = json.dumps(rep, sort_keys=True).encode()
-        got[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
-    return got
-
-
 def from_scratch_with_same_ids(before: Path, slide, pts, ref: Path, model=None, **opts) -> dict[str, str]:
     """The outputs of a from-scratch run (every click recomputed) with the id table ``before`` held."""
     shutil.copytree(before, ref)
     r = run(slide, pts, ref, model, recompute=True, **opts)
     assert r.report["rerun"]["reused"] == 0
     return outputs(ref)
-
-
-def ids_by_click(report) -> dict[tuple, tuple]:
-    return {(r["x"], r["y"], r["class"]): (r["instance_id"], r.get("uuid")) for r in report["clicks"]}
 
 
 @pytest.fixture
@@ -91,13 +57,13 @@ def test_reordering_the_clicks_file_changes_nothing(case, monkeypatch):
 
     slide, clicks, tmp = case
     out = tmp / "out"
-    first = run(slide, write(tmp / "a.csv", clicks), out)
+    first = run(slide, write_clicks_csv(tmp / "a.csv", clicks), out)
     before = outputs(out)
     shuffled = [clicks[k] for k in np.random.default_rng(1).permutation(len(clicks))]
     traced = []
     real_trace = engine_run.trace_mask
     monkeypatch.setattr(engine_run, "trace_mask", lambda *a: traced.append(1) or real_trace(*a))
-    again = run(slide, write(tmp / "b.csv", shuffled), out)
+    again = run(slide, write_clicks_csv(tmp / "b.csv", shuffled), out)
     assert traced == []  # the same final masks: their outlines are the earlier run's
     assert again.report["rerun"]["mode"] == "incremental"
     assert again.report["rerun"]["recomputed"] == 0 and again.report["rerun"]["reused"] == len(clicks)
@@ -114,12 +80,12 @@ def test_inserting_a_click_keeps_every_other_id_and_uuid_and_equals_a_fresh_run(
     slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, slide_mpp)
     clicks = grid_clicks(512, 384)
     out = tmp_path / "out"
-    first = run(slide, write(tmp_path / "a.csv", clicks), out)
+    first = run(slide, write_clicks_csv(tmp_path / "a.csv", clicks), out)
     before = tmp_path / "before"
     shutil.copytree(out, before)
     new = (300.37, 190.12, "A")
     edited = clicks[:20] + [new] + clicks[20:]
-    again = run(slide, write(tmp_path / "b.csv", edited), out)
+    again = run(slide, write_clicks_csv(tmp_path / "b.csv", edited), out)
     old, now = ids_by_click(first.report), ids_by_click(again.report)
     assert all(now[k] == v for k, v in old.items())
     assert now[new][0] == len(clicks) + 1
@@ -141,14 +107,14 @@ def in_patch(of, at) -> bool:
 def test_a_moved_click_recomputes_its_neighbours_within_the_patch_reach_and_no_others(case):
     slide, clicks, tmp = case
     out = tmp / "out"
-    run(slide, write(tmp / "a.csv", clicks), out)
+    run(slide, write_clicks_csv(tmp / "a.csv", clicks), out)
     before = tmp / "before"
     shutil.copytree(out, before)
     k = 37
     old = clicks[k]
     moved = (round(old[0] + 3.4, 2), round(old[1] - 2.2, 2), old[2])
     edited = clicks[:k] + [moved] + clicks[k + 1:]
-    pts = write(tmp / "b.csv", edited)
+    pts = write_clicks_csv(tmp / "b.csv", edited)
     expect = {j for j, c in enumerate(edited) if j == k or in_patch(c, old) or in_patch(c, moved)}
     assert 3 < len(expect) < len(clicks) // 2
     # which clicks the strategy sends to the network, given the earlier run's pieces
@@ -174,7 +140,7 @@ def test_a_moved_click_recomputes_its_neighbours_within_the_patch_reach_and_no_o
 def test_add_move_delete_at_once_equals_a_fresh_run_with_the_same_ids(case):
     slide, clicks, tmp = case
     out = tmp / "out"
-    run(slide, write(tmp / "a.csv", clicks), out)
+    run(slide, write_clicks_csv(tmp / "a.csv", clicks), out)
     before = tmp / "before"
     shutil.copytree(out, before)
     rng = np.random.default_rng(3)
@@ -182,7 +148,7 @@ def test_add_move_delete_at_once_equals_a_fresh_run_with_the_same_ids(case):
     edited = [(round(x + 2.5, 2), y, c) if j % 23 == 0 else (x, y, c) for j, (x, y, c) in enumerate(edited)]  # move
     edited += [(round(x + 20, 2), round(y + 21, 2), c) for x, y, c in clicks[3::29]]  # add, between the others
     edited = [edited[j] for j in rng.permutation(len(edited))]
-    again = run(slide, write(tmp / "b.csv", edited), out)
+    again = run(slide, write_clicks_csv(tmp / "b.csv", edited), out)
     assert again.report["rerun"]["mode"] == "incremental" and again.report["rerun"]["reused"] > 0
     assert outputs(out) == from_scratch_with_same_ids(before, slide, tmp / "b.csv", tmp / "ref")
 
@@ -196,7 +162,7 @@ def test_add_move_delete_at_once_equals_a_fresh_run_with_the_same_ids(case):
 def test_a_changed_model_um_per_px_or_threshold_forces_a_full_run(case, change, why):
     slide, clicks, tmp = case
     out = tmp / "out"
-    pts = write(tmp / "a.csv", clicks)
+    pts = write_clicks_csv(tmp / "a.csv", clicks)
     first = run(slide, pts, out)
     model, opts = guided_model(), {}
     if change == "weights":
@@ -222,7 +188,7 @@ def test_a_changed_model_um_per_px_or_threshold_forces_a_full_run(case, change, 
 def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
     slide, clicks, tmp = case
     out = tmp / "out"
-    run(slide, write(tmp / "a.csv", clicks), out)
+    run(slide, write_clicks_csv(tmp / "a.csv", clicks), out)
     state = out / "slide.labels.zarr" / FOLDER
     if damage == "pieces.bin altered":
         data = bytearray((state / "pieces.bin").read_bytes())
@@ -244,7 +210,7 @@ def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
             rep["rerun"]["state_sha256"] = "0" * 64
         (out / "slide.report.json").write_text(json.dumps(rep))
     shuffled = clicks[::-1]
-    again = run(slide, write(tmp / "b.csv", shuffled), out)
+    again = run(slide, write_clicks_csv(tmp / "b.csv", shuffled), out)
     assert again.report["rerun"]["mode"] == "full" and again.report["rerun"]["reused"] == 0
     why = again.report["rerun"]["why_full"]
     assert why.startswith("earlier outputs not reusable: ") or why == "no earlier run in the output folder", why
@@ -258,9 +224,9 @@ def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
 def test_full_starts_a_fresh_id_table(case, caplog):
     slide, clicks, tmp = case
     out = tmp / "out"
-    run(slide, write(tmp / "a.csv", clicks), out)
+    run(slide, write_clicks_csv(tmp / "a.csv", clicks), out)
     with caplog.at_level("INFO", logger="nuclick_wsi"):
-        again = run(slide, write(tmp / "b.csv", clicks[::-1]), out, full=True)
+        again = run(slide, write_clicks_csv(tmp / "b.csv", clicks[::-1]), out, full=True)
     assert [r.getMessage() for r in caplog.records] == ["full run: --full"]  # one log line says why
     assert again.report["rerun"] == {**again.report["rerun"], "mode": "full", "why_full": "--full", "reused": 0}
     assert [r["instance_id"] for r in again.report["clicks"]] == list(range(1, len(clicks) + 1))
@@ -294,13 +260,13 @@ def spoil(store: Path, version: str, key, how: str) -> None:
 def test_a_rerun_copies_the_chunk_files_it_did_not_touch_and_encodes_the_others(case, version, damaged):
     slide, clicks, tmp = case
     out, chunk = tmp / "out", 128  # 4 x 3 chunks, pyramid 2 x 2 and 1
-    first = run(slide, write(tmp / "a.csv", clicks), out, chunk=chunk, ngff=version)
+    first = run(slide, write_clicks_csv(tmp / "a.csv", clicks), out, chunk=chunk, ngff=version)
     before = tmp / "before"
     shutil.copytree(out, before)
     old_rows, old_labels = chunk_rows(out, first.report), open_labels(out / "slide.labels.zarr")[:]
     k = min(range(len(clicks)), key=lambda j: math.hypot(clicks[j][0] - 300, clicks[j][1] - 190))  # chunk (1, 2)
     moved = (round(clicks[k][0] + 3.4, 2), round(clicks[k][1] - 2.2, 2), clicks[k][2])
-    pts = write(tmp / "b.csv", clicks[:k] + [moved] + clicks[k + 1:])
+    pts = write_clicks_csv(tmp / "b.csv", clicks[:k] + [moved] + clicks[k + 1:])
     spoilt = []
     if damaged:  # chunk files far from the edit: their labels are unchanged, their bytes not
         spoilt = [(0, 0, 0), (0, 2, 0), (1, 0, 0)]
@@ -324,7 +290,7 @@ def test_a_rerun_copies_the_chunk_files_it_did_not_touch_and_encodes_the_others(
 def test_a_state_of_the_older_format_keeps_the_ids_and_copies_no_chunk(case):
     slide, clicks, tmp = case
     out = tmp / "out"
-    first = run(slide, write(tmp / "a.csv", clicks), out)
+    first = run(slide, write_clicks_csv(tmp / "a.csv", clicks), out)
     state = out / "slide.labels.zarr" / FOLDER / "state.json"
     doc = json.loads(state.read_bytes())
     doc["format"] = "nuclick-wsi-rerun/1"
@@ -335,7 +301,7 @@ def test_a_state_of_the_older_format_keeps_the_ids_and_copies_no_chunk(case):
     before = tmp / "before"
     shutil.copytree(out, before)
     edited = clicks[::-1] + [(300.37, 190.12, "A")]
-    again = run(slide, write(tmp / "b.csv", edited), out)
+    again = run(slide, write_clicks_csv(tmp / "b.csv", edited), out)
     rerun = again.report["rerun"]
     assert rerun["mode"] == "incremental" and rerun["chunks_copied"] == 0 and rerun["chunks_written"] > 0
     assert rerun["ids"]["kept"] == len(clicks)

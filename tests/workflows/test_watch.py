@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.test_rerun import grid_clicks, ids_by_click, outputs, write
-from tests.helpers import (NUCLICK, SUB_ENV, entry, guided_model, make_weights, point_feature, write_clicks,
-                           write_project, write_tiff_slide)
+from tests.helpers import (NUCLICK, SUB_ENV, entry, grid_clicks, guided_model, ids_by_click, make_weights, outputs,
+                           point_feature, write_clicks, write_clicks_csv, write_project, write_tiff_slide)
 from nuclick_wsi.pipeline import Models, SegmentOptions
 from nuclick_wsi.workflows.watch import file_signature, watch, watch_project, watch_segment
 
@@ -103,13 +102,13 @@ def test_a_failing_rerun_is_said_and_the_watch_goes_on(tmp_path):
 def test_watch_segment_reruns_incrementally_with_the_model_it_holds(tmp_path):
     slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, 0.25)
     clicks = grid_clicks(512, 384)
-    pts = write(tmp_path / "clicks.csv", clicks)
+    pts = write_clicks_csv(tmp_path / "clicks.csv", clicks)
     out = tmp_path / "out"
     new = (300.37, 190.12, "A")
     bad_before = {}
 
     def add_click():
-        write(pts, clicks[:5] + [new] + clicks[5:])
+        write_clicks_csv(pts, clicks[:5] + [new] + clicks[5:])
         touch_later(pts)
 
     def break_file():
@@ -173,12 +172,12 @@ def test_full_holds_until_a_run_succeeds(tmp_path):
     clicks = grid_clicks(512, 384)
     out = tmp_path / "out"
     models = Models(nuclei=guided_model())
-    pts = write(tmp_path / "clicks.csv", clicks)
+    pts = write_clicks_csv(tmp_path / "clicks.csv", clicks)
     watch_segment(slide, pts, out, options=OPTS, models=models, stop=lambda: True)  # an earlier run's ids
     pts.write_text("x,y\nbroken,\n")  # the first run of the --full watch fails
 
     def fix():
-        write(pts, clicks[::-1])  # reversed: a fresh id table numbers them in this order
+        write_clicks_csv(pts, clicks[::-1])  # reversed: a fresh id table numbers them in this order
         touch_later(pts)
 
     results = []
@@ -217,7 +216,7 @@ def test_watch_project_redoes_an_export_made_while_a_pass_ran(project, monkeypat
 def test_cli_segment_watch_reruns_on_export_and_stops_on_ctrl_c(tmp_path):
     slide = write_tiff_slide(tmp_path / "slide.tif", 384, 256, 0.25)
     clicks = grid_clicks(384, 256, step=60)
-    pts = write(tmp_path / "clicks.csv", clicks)
+    pts = write_clicks_csv(tmp_path / "clicks.csv", clicks)
     weights = make_weights(tmp_path / "w.pt")
     proc = subprocess.Popen([*NUCLICK, "segment", str(slide), "--points", str(pts), "-o", str(tmp_path / "out"),
                              "--weights", str(weights), "--device", "cpu", "--precision", "fp32", "--no-qc",
@@ -239,7 +238,7 @@ def test_cli_segment_watch_reruns_on_export_and_stops_on_ctrl_c(tmp_path):
 
         wait_for("clicks segmented")
         before = file_signature(pts)
-        write(pts, clicks + [(200.5, 130.5, "A")])
+        write_clicks_csv(pts, clicks + [(200.5, 130.5, "A")])
         touch_later(pts)
         assert file_signature(pts) != before
         wait_for("incremental: ")
