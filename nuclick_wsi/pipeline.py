@@ -98,13 +98,13 @@ def post_params(model: LoadedModel) -> PostParams:
 def click_run(slide: SlideSource, prompts: Prompts, model: LoadedModel, predictor: Predictor, mpp: float,
               stem: str, opts: SegmentOptions, reasons: list[str | None], timer: Timer | None = None, *,
               ids: tuple[list[int], list[str]] | None = None, cache: dict | None = None,
-              outlines: dict[str, bytes] | None = None) -> PromptRun:
-    """``ids``: label ids and uuids per click (default: index + 1); ``cache``, ``outlines``: an earlier
-    run's pieces and traced outlines."""
+              outlines: dict[str, bytes] | None = None, finals: dict[str, tuple] | None = None) -> PromptRun:
+    """``ids``: label ids and uuids per click (default: index + 1); ``cache``, ``outlines``, ``finals``:
+    an earlier run's pieces, traced outlines and final instances."""
     labels, uuids = ids or (None, None)
     strategy = ClickStrategy(slide, prompts, model.mpp, model.patch_size, mpp, batch_size=opts.batch_size,
                              duplicate_px=opts.duplicate_px, labels=labels, uuids=uuids, cache=cache, stem=stem)
-    return PromptRun(strategy, predictor, post_params(model), mpp, timer=timer, outlines=outlines,
+    return PromptRun(strategy, predictor, post_params(model), mpp, timer=timer, outlines=outlines, finals=finals,
                      reasons={k: r for k, r in enumerate(reasons) if r is not None})
 
 
@@ -230,7 +230,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             rerun = decide(previous, fingerprint(slide, slide_path, mpp, nuclei_model, pred, opts.batch_size),
                            recompute=opts.recompute)
             nuclei = (nuclei_model, click_run(slide, prompts, nuclei_model, pred, mpp, stem, opts, reasons, timer,
-                                              ids=(labels, uuids), cache=rerun.cache, outlines=rerun.outlines))
+                                              ids=(labels, uuids), cache=rerun.cache, outlines=rerun.outlines,
+                                              finals=rerun.finals))
         if gland_model is not None:
             pred = models.predictor(gland_model, opts.device, opts.precision, opts.tta, opts.runtime)
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
@@ -276,7 +277,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                           unit="nuclei")
             t = time.perf_counter()
             state = RerunState(rerun.fingerprint, where["table"].to_json(), nuclei[1].strategy.pieces,
-                               nuclei[1].outlines, labels.chunk_table)
+                               nuclei[1].outlines, labels.chunk_table, nuclei[1].finals)
             state_sha = write_state(temps["labels"], state)
             timer.add("write", time.perf_counter() - t)
         else:  # squiggles only: an empty nucleus label store
@@ -294,7 +295,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                 predictor=predictor, paths=paths, timer=timer,
                                 wall=time.perf_counter() - where["t_start"])
         if nuclei is not None:
-            report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1].strategy, state_sha, labels)
+            report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1], state_sha, labels)
         commit_outputs(temps, paths, report)
         for old in stale:
             remove_path(old)

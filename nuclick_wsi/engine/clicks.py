@@ -126,6 +126,10 @@ class ClickStrategy:
             buf[n:] = 0  # a full batch: the patches' bits do not depend on how many share it
             yield (buf.copy() if n else None), meta
 
+    def signature_of(self, item: tuple) -> str:
+        """The signature of an item's piece (:func:`signature`)."""
+        return item[5]
+
     def slot(self, item: tuple, position: int) -> int | None:
         """The item's row in its batch, None when its piece is reused."""
         return item[4]

@@ -12,10 +12,11 @@ A rerun into the same folder then
 * reuses a click's piece only when the fingerprint is the same and the click's signature (its
   exact position and the clicks in its exclusion map, :func:`~nuclick_wsi.engine.clicks.signature`)
   is one the earlier run computed; every other click is recomputed;
-* stitches every piece, reused or new, in the order a from-scratch run uses (regions row by row,
-  clicks by y, x, then id), so the overlap rule resolves every contested pixel as it would there and
-  the outputs are the bytes a from-scratch run with the same id table writes; an outline is traced
-  again only when its final mask changed;
+* stitches every piece an edit can reach, reused or new, in the order a from-scratch run uses
+  (regions row by row, clicks by y, x, then id), so the overlap rule resolves every contested pixel
+  as it would there, and takes the earlier final instance of every other piece without stitching it
+  (:mod:`nuclick_wsi.engine.reuse`); the outputs are the bytes a from-scratch run with the same id
+  table writes; an outline is traced again only when its final mask changed;
 * copies the label-store chunk files whose labels did not change from the earlier store instead of
   encoding them again (:mod:`nuclick_wsi.store.chunks`; the same bytes).
 
@@ -127,6 +128,7 @@ class Rerun:
     why: str | None  #: why nothing is reused (None: incremental)
     outlines: dict[str, bytes] = field(default_factory=dict)  #: traced outlines (WKB) by outline key
     chunks: ChunkTable | None = None  #: the earlier label store's chunk table (None: copy no chunk)
+    finals: dict[str, tuple] = field(default_factory=dict)  #: the earlier final instances (:mod:`.reuse`)
 
 
 def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -> Rerun:
@@ -137,15 +139,18 @@ def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -
         why = "recompute asked for" if recompute else fingerprint_change(previous.state.fingerprint, fp)
     if why is None:
         log.info("incremental rerun: reusing the earlier run's pieces where clicks and neighbours are unchanged")
-        return Rerun(fp, dict(previous.state.pieces), None, previous.state.outlines, previous.state.chunks)
+        return Rerun(fp, dict(previous.state.pieces), None, previous.state.outlines, previous.state.chunks,
+                     previous.state.finals)
     log.info("full run: %s", why)
     return Rerun(fp, {}, why)
 
 
-def report_section(rerun: Rerun, table: IdTable, strategy, state_sha256: str, store) -> dict[str, Any]:
-    """The report's ``rerun`` section: mode, why full, pieces reused and recomputed, id changes, and the
-    label store's (``store``) chunk files copied from the earlier store and written."""
+def report_section(rerun: Rerun, table: IdTable, run, state_sha256: str, store) -> dict[str, Any]:
+    """The report's ``rerun`` section: mode, why full, pieces reused and recomputed, instances taken
+    without stitching (``run``: the nuclei's PromptRun), id changes, and the label store's (``store``)
+    chunk files copied from the earlier store and written."""
+    strategy = run.strategy
     return {"mode": "full" if rerun.why else "incremental", "why_full": rerun.why,
-            "reused": strategy.reused, "recomputed": len(strategy.pieces) - strategy.reused,
+            "reused": strategy.reused, "recomputed": len(strategy.pieces) - strategy.reused, "taken": run.taken,
             "ids": dict(table.counts, next_id=table.next_id), "state_sha256": state_sha256,
             "chunks_copied": store.ledger.copied, "chunks_written": store.ledger.written}

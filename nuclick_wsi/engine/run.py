@@ -28,6 +28,8 @@ import numpy as np
 import shapely
 
 from nuclick_wsi.engine.background import Timer, background
+from nuclick_wsi.engine.reuse import Entry, MergedChunks
+from nuclick_wsi.engine.reuse import plan as reuse_plan
 from nuclick_wsi.io.slides.base import SlideSource
 from nuclick_wsi.model.predictor import Predictor
 from nuclick_wsi.postprocess.confidence import RING_MODEL_PX, outline_confidence
@@ -35,7 +37,8 @@ from nuclick_wsi.postprocess.stitch import Piece, Stitcher
 from nuclick_wsi.postprocess.threshold import PostParams, instance_from_probability
 from nuclick_wsi.postprocess.trace import trace_mask
 from nuclick_wsi.records import Instance, outcome
-from nuclick_wsi.store.rerun import PackedPiece
+from nuclick_wsi.store.labels import open_labels
+from nuclick_wsi.store.rerun import PackedPiece, final_key
 
 
 class Strategy(Protocol):
@@ -95,7 +98,7 @@ class PromptRun:
 
     def __init__(self, strategy: Strategy, predictor: Predictor, params: PostParams, mpp: float, *,
                  reasons: dict[int, str] | None = None, timer: Timer | None = None,
-                 outlines: dict[str, bytes] | None = None) -> None:
+                 outlines: dict[str, bytes] | None = None, finals: dict[str, tuple] | None = None) -> None:
         self.strategy, self.predictor, self.mpp = strategy, predictor, mpp
         self.model_params = params
         self.params = params.scaled(strategy.scale ** 2)
@@ -106,6 +109,11 @@ class PromptRun:
         #: traced outlines (WKB) by :func:`outline_key`: an earlier run's, to skip tracing the same mask again
         self.known_outlines = outlines or {}
         self.outlines: dict[str, bytes] = {}  #: this run's, for the next
+        #: the earlier run's final instances by piece (:mod:`.reuse`: those no edit reaches are taken)
+        self.earlier_finals = finals or {}
+        self.finals: dict[str, tuple] = {}  #: this run's, for the next
+        self.taken = 0  #: instances taken from the earlier run without stitching
+        self._stitched: list[str] = []  #: final keys of the pieces handed to the stitcher
 
     @property
     def n_pending(self) -> int:
@@ -128,10 +136,30 @@ class PromptRun:
             self.timer.add("write", time.perf_counter() - t)
         return write
 
+    def _can_take(self, store) -> bool:
+        """Whether this run may take instances from the earlier run (:mod:`.reuse`): it recorded its
+        final instances and outlines, and the earlier label store's level 0 is intact."""
+        ledger = getattr(store, "ledger", None)
+        if not self.earlier_finals or ledger is None or not hasattr(self.strategy, "signature_of"):
+            return False
+        if any(rec and rec[4] not in self.known_outlines for rec in self.earlier_finals.values()):
+            return False
+        return ledger.earlier_intact()
+
     def run(self, store, progress=None) -> None:
         """Segment every pending prompt; labels go to ``store.write_chunk`` (chunk side ``store.chunk``)."""
         s = self.strategy
         order = s.plan(self.reasons)
+        if self._can_take(store):
+            self._run_taking(order, store, progress)
+        else:
+            self._run_all(order, store, progress)
+        self.instances.sort(key=lambda i: i.label)
+        self.table.sort(key=lambda r: r["label"])
+
+    def _run_all(self, order: list[int], store, progress) -> None:
+        """Stitch every piece as it comes (streamed: rows are written as soon as they are final)."""
+        s = self.strategy
         stitcher = Stitcher(s.slide.width, s.slide.height, store.chunk, self._write_chunk(store), self._retire)
         for prob, items in background(self._predict(s.batches(order, self.timer)), depth=2):
             t = time.perf_counter()
@@ -143,16 +171,79 @@ class PromptRun:
                     t += self.timer.seconds["write"] - tw  # flushing is writing, not post-processing
                 piece = self._piece_of(prob, item, k)
                 if piece is not None:
-                    stitcher.add(piece)
+                    self._add(stitcher, piece)
             self.timer.add("post", time.perf_counter() - t)
             if progress is not None:
                 progress.update(len(items))
+        self._close(stitcher)
+
+    def _add(self, stitcher: Stitcher, piece: Piece) -> None:
+        if piece.meta.get("sig") is not None:
+            self._stitched.append(final_key(piece.meta["sig"], piece.label))
+        stitcher.add(piece)
+
+    def _close(self, stitcher: Stitcher) -> None:
         tw = self.timer.seconds["write"]
         t = time.perf_counter()
         stitcher.close()
         self.timer.add("post", time.perf_counter() - t - (self.timer.seconds["write"] - tw))
-        self.instances.sort(key=lambda i: i.label)
-        self.table.sort(key=lambda r: r["label"])
+        for key in self._stitched:  # stitched but never retired: it lost every pixel
+            self.finals.setdefault(key, ())
+
+    def _run_taking(self, order: list[int], store, progress) -> None:
+        """Compute what must be, then stitch only the instances an edit can reach (:mod:`.reuse`)."""
+        s = self.strategy
+        entries: list[Entry] = []
+        for prob, items in background(self._predict(s.batches(order, self.timer)), depth=2):
+            t = time.perf_counter()
+            for k, item in enumerate(items):
+                y, idx, slot = s.flush_y(item), item[0], s.slot(item, k)
+                if slot is not None:
+                    piece = self._piece(prob[slot], item)
+                else:
+                    piece = s.reuse(item)
+                    if piece.reason is not None:
+                        self.reasons[idx] = piece.reason
+                        piece = None
+                entries.append(Entry(y, idx, s.label_of(idx), s.signature_of(item), piece))
+            self.timer.add("post", time.perf_counter() - t)
+            if progress is not None:
+                progress.update(len(items))
+        t = time.perf_counter()
+        how = reuse_plan(entries, s.cache, self.earlier_finals, store.chunk)
+        earlier = store.ledger.earlier
+        merged = MergedChunks(store, open_labels(earlier.path), [(cy, cx) for lv, cy, cx in earlier.table.rows if lv == 0],
+                              how.clear, self._write_chunk(store))
+        stitcher = Stitcher(s.slide.width, s.slide.height, store.chunk, merged, self._retire)
+        for e, again in zip(entries, how.restitch):
+            if e.flush_y is not None:
+                tw = self.timer.seconds["write"]
+                stitcher.flush(e.flush_y)
+                t += self.timer.seconds["write"] - tw
+            if e.piece is None:
+                continue
+            if not again:
+                self._take(e)
+            elif e.new:
+                self._add(stitcher, e.piece)
+            else:
+                self._add(stitcher, self._unpacked(e.piece, e.index, e.signature))
+        self.timer.add("post", time.perf_counter() - t)
+        self._close(stitcher)
+        t = time.perf_counter()
+        merged.finish(how.dirty_chunks)
+        self.timer.add("write", time.perf_counter() - t)
+        self.taken = how.taken
+
+    def _take(self, e: Entry) -> None:
+        """The earlier run's final instance of an entry no edit reaches."""
+        key = final_key(e.signature, e.label)
+        rec = self.finals[key] = self.earlier_finals[key]
+        if not rec:  # it lost every pixel there, and does here
+            return
+        area, score, cx, cy, okey = rec
+        wkb = self.outlines[okey] = self.known_outlines[okey]
+        self._record(e.index, e.label, shapely.from_wkb(wkb), area, score, cx, cy, e.piece.confidence)
 
     def _piece_of(self, prob: np.ndarray | None, item: Any, position: int) -> Piece | None:
         """The item's instance crop: the earlier run's (reused) or a new one from its probabilities."""
@@ -164,9 +255,16 @@ class PromptRun:
         if packed.reason is not None:
             self.reasons[idx] = packed.reason
             return None
+        return self._unpacked(packed, idx, self._signature(item))
+
+    def _signature(self, item: Any) -> str | None:
+        of = getattr(self.strategy, "signature_of", None)
+        return None if of is None else of(item)
+
+    def _unpacked(self, packed: PackedPiece, idx: int, sig: str | None) -> Piece:
         mask, pr, seed = packed.unpack()
-        return Piece(label=s.label_of(idx), x0=packed.x0, y0=packed.y0, mask=mask, prob=pr, seed=seed,
-                     meta={"index": idx, "confidence": packed.confidence})
+        return Piece(label=self.strategy.label_of(idx), x0=packed.x0, y0=packed.y0, mask=mask, prob=pr, seed=seed,
+                     meta={"index": idx, "confidence": packed.confidence, "sig": sig})
 
     def _piece(self, prob: np.ndarray, item: Any) -> Piece | None:
         """A probability patch -> a level-0 instance crop (or None, the reason recorded)."""
@@ -185,34 +283,40 @@ class PromptRun:
         conf = outline_confidence(grid, mask, where, ring_px=round(RING_MODEL_PX * self.strategy.scale))
         piece = Piece(label=self.strategy.label_of(idx), x0=u0 + c0, y0=v0 + r0, mask=mask,
                       prob=grid[r0:r0 + h, c0:c0 + w].astype(np.float16), seed=seed_mask,
-                      meta={"index": idx, "confidence": conf})
+                      meta={"index": idx, "confidence": conf, "sig": self._signature(item)})
         self.strategy.remember(item, PackedPiece.pack(piece.x0, piece.y0, mask, piece.prob, seed_mask, conf))
         return piece
 
     def _retire(self, piece: Piece) -> None:
         """An instance whose pixels are final: trace it, record it for the outputs and the table."""
         t = time.perf_counter()
-        idx, kind = piece.meta["index"], self.strategy.kind
-        prompt = self.strategy.prompts[idx]
-        x, y = self.strategy.anchor(idx)
         area = float(piece.mask.sum())
         score = float(piece.prob[piece.mask].astype(np.float32).mean())
         rr, cc = np.nonzero(piece.mask)
-        cxm, cym = piece.x0 + cc.mean() + 0.5, piece.y0 + rr.mean() + 0.5
+        cxm, cym = float(piece.x0 + cc.mean() + 0.5), float(piece.y0 + rr.mean() + 0.5)
         key = outline_key(piece.mask, piece.x0, piece.y0)
         wkb = self.known_outlines.get(key)
         geom = trace_mask(piece.mask, piece.x0, piece.y0) if wkb is None else shapely.from_wkb(wkb)
         self.outlines[key] = shapely.to_wkb(geom) if wkb is None else wkb
-        area_um2 = area * self.mpp ** 2
-        uid = self.strategy.uuid_of(idx)
-        self.instances.append(Instance(label=piece.label, uuid=uid, geometry=geom, class_name=prompt.class_name,
-                                       color=prompt.color, area_px=area, area_um2=area_um2, score=score,
-                                       confidence=piece.meta["confidence"], prompt_index=idx, kind=kind))
-        self.table.append({"label": piece.label, "prompt_index": idx, "class_name": prompt.class_name,
-                           "x": x, "y": y, "centroid_x": round(cxm, 3), "centroid_y": round(cym, 3),
-                           "area_px": area, "area_um2": area_um2, "score": round(score, 6),
-                           "confidence": round(piece.meta["confidence"], 6), "kind": kind})
+        if piece.meta.get("sig") is not None:
+            self.finals[final_key(piece.meta["sig"], piece.label)] = (area, score, cxm, cym, key)
+        self._record(piece.meta["index"], piece.label, geom, area, score, cxm, cym, piece.meta["confidence"])
         self.timer.add("write", time.perf_counter() - t)
+
+    def _record(self, idx: int, label: int, geom, area: float, score: float, cxm: float, cym: float,
+                confidence: float) -> None:
+        """An instance and its table row (centroids rounded as numpy rounds, as they always were)."""
+        prompt, kind = self.strategy.prompts[idx], self.strategy.kind
+        x, y = self.strategy.anchor(idx)
+        area_um2 = area * self.mpp ** 2
+        self.instances.append(Instance(label=label, uuid=self.strategy.uuid_of(idx), geometry=geom,
+                                       class_name=prompt.class_name, color=prompt.color, area_px=area,
+                                       area_um2=area_um2, score=score, confidence=confidence, prompt_index=idx,
+                                       kind=kind))
+        self.table.append({"label": label, "prompt_index": idx, "class_name": prompt.class_name,
+                           "x": x, "y": y, "centroid_x": round(np.float64(cxm), 3), "centroid_y": round(np.float64(cym), 3),
+                           "area_px": area, "area_um2": area_um2, "score": round(score, 6),
+                           "confidence": round(confidence, 6), "kind": kind})
 
     def into_store(self, create_store, *, progress: bool = False, desc: str = "", unit: str = ""):
         """Run into a new label store (``create_store()``) with an optional progress bar, finalize it and

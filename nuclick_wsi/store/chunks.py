@@ -146,6 +146,21 @@ class ChunkLedger:
             self.copied += 1
         return True
 
+    def copy(self, key: Key) -> bool:
+        """Copy the earlier store's chunk file ``key`` unchanged (its labels are known to be this store's);
+        False when there is none, or it is no longer the recorded file."""
+        return self._copy(key)
+
+    def earlier_intact(self, level: int = 0) -> bool:
+        """Whether every chunk file of ``level`` the earlier store recorded is still there, with its
+        recorded bytes (False: no usable earlier store)."""
+        if self.earlier is None:
+            return False
+        for key, (_, sha) in self.earlier.table.rows.items():
+            if key[0] == level and _sha256_file(chunk_file(self.earlier.path, self.version, key)) != sha:
+                return False
+        return True
+
     def _written(self, key: Key, digest: str) -> None:
         sha = _sha256_file(chunk_file(self.root, self.version, key))
         with self._lock:

@@ -257,6 +257,11 @@ class LabelStore:
             raise ValueError(f"chunk ({cy}, {cx}) must have shape {(y1 - y0, x1 - x0)}, got {block.shape}")
         self.ledger.put((0, cy, cx), block, lambda: self.level0.__setitem__((slice(y0, y1), slice(x0, x1)), block))
 
+    def copy_chunk(self, cy: int, cx: int) -> bool:
+        """Take level-0 chunk (cy, cx) from the earlier store as it is (the caller knows its labels are
+        unchanged); False when that store has no such chunk or its file is not the recorded one."""
+        return self.ledger.copy((0, cy, cx))
+
     @property
     def chunk_table(self) -> ChunkTable:
         """Every chunk file written through this object (a store written by several processes: each one's)."""

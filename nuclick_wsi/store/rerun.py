@@ -8,7 +8,10 @@
       pieces.bin   each piece's mask and seed (packed bits) and probabilities (float16), zlib-compressed
       outlines.bin the traced outlines (WKB, zlib) of the final instance masks, by a hash of mask and place
 
-``state.json`` also holds the store's chunk table (:class:`~nuclick_wsi.store.chunks.ChunkTable`: per
+``state.json`` also holds each stitched piece's final instance (``finals``: area, mean probability,
+centroid and outline key of its mask after stitching, or nothing when it lost every pixel), so a
+rerun takes the instances no edit can reach without stitching them again
+(:mod:`nuclick_wsi.engine.reuse`), and the store's chunk table (:class:`~nuclick_wsi.store.chunks.ChunkTable`: per
 chunk file of every level, a digest of its labels and the SHA-256 of its bytes), so a rerun copies
 the chunk files whose labels did not change instead of encoding them again.
 
@@ -33,8 +36,8 @@ import numpy as np
 
 from nuclick_wsi.store.chunks import ChunkTable
 
-FORMAT = "nuclick-wsi-rerun/2"  #: /2: with the chunk table
-FORMAT_1 = "nuclick-wsi-rerun/1"  #: read too: an upgrade keeps the folder's ids
+FORMAT = "nuclick-wsi-rerun/3"  #: /3: with the final instances; /2: with the chunk table
+OLDER = ("nuclick-wsi-rerun/1", "nuclick-wsi-rerun/2")  #: read too: an upgrade keeps the folder's ids
 FOLDER = "nuclick-rerun"
 
 
@@ -81,6 +84,14 @@ class RerunState:
     pieces: dict[str, PackedPiece]
     outlines: dict[str, bytes] = field(default_factory=dict)  #: WKB by outline key
     chunks: ChunkTable = field(default_factory=ChunkTable)  #: the label store's chunk files
+    #: per stitched piece, by :func:`final_key`: (area px, score, centroid x, centroid y, outline key) of
+    #: its final instance, or () when it lost every pixel; empty in states older than /3 (nothing taken)
+    finals: dict[str, tuple] = field(default_factory=dict)
+
+
+def final_key(signature: str, label: int) -> str:
+    """The key of a stitched piece's final instance: its signature and the label it was stitched with."""
+    return f"{signature}:{label}"
 
 
 def sha256(data: bytes) -> str:
@@ -110,7 +121,9 @@ def write_state(store: str | os.PathLike, state: RerunState) -> str:
            "blob": {"bytes": len(blob), "sha256": sha256(blob)},
            "outlines": {"keys": keys, "sizes": [len(state.outlines[k]) for k in keys], "bytes": len(lines),
                         "sha256": sha256(lines)},
-           "chunks": state.chunks.to_json()}
+           "chunks": state.chunks.to_json(),
+           "finals": {"columns": ["key", "area_px", "score", "centroid_x", "centroid_y", "outline"],
+                      "rows": [[k, *state.finals[k]] for k in sorted(state.finals)]}}
     text = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
     (folder / "state.json").write_bytes(text)
     return sha256(text)
@@ -135,7 +148,7 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
         raise ValueError(f"{folder / 'state.json'} does not match its run's report")
     try:
         doc = json.loads(text)
-        if doc.get("format") not in (FORMAT, FORMAT_1):
+        if doc.get("format") not in (FORMAT, *OLDER):
             raise ValueError(f"format {doc.get('format')!r}, not {FORMAT}")
         if doc["blob"]["bytes"] != len(blob) or doc["blob"]["sha256"] != sha256(blob):
             raise ValueError("pieces.bin does not match state.json")
@@ -149,10 +162,25 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
                 raise ValueError(f"piece {sig} lies outside pieces.bin")
             pieces[str(sig)] = PackedPiece(int(x0), int(y0), int(h), int(w), float(conf), blob[off:off + n])
         return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, _outlines(doc["outlines"], lines),
-                          ChunkTable.from_json(doc["chunks"]) if "chunks" in doc or doc["format"] == FORMAT
-                          else ChunkTable())  # /1: no chunk table (nothing copied), ids and pieces as ever
+                          ChunkTable.from_json(doc["chunks"]) if "chunks" in doc or doc["format"] != OLDER[0]
+                          else ChunkTable(),  # /1: no chunk table (nothing copied), ids and pieces as ever
+                          _finals(doc) if doc["format"] == FORMAT else {})  # /1, /2: every instance stitched
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{folder / 'state.json'}: malformed ({exc})") from None
+
+
+def _finals(doc: dict[str, Any]) -> dict[str, tuple]:
+    finals = doc["finals"]
+    if finals.get("columns") != ["key", "area_px", "score", "centroid_x", "centroid_y", "outline"]:
+        raise ValueError("finals without the expected columns")
+    out: dict[str, tuple] = {}
+    for row in finals["rows"]:
+        key, rest = str(row[0]), row[1:]
+        if rest and (len(rest) != 5 or not all(isinstance(v, (int, float)) for v in rest[:4])
+                     or not isinstance(rest[4], str)):
+            raise ValueError(f"final instance {key}: malformed")
+        out[key] = (float(rest[0]), float(rest[1]), float(rest[2]), float(rest[3]), rest[4]) if rest else ()
+    return out
 
 
 def _outlines(index: dict[str, Any], data: bytes) -> dict[str, bytes]:

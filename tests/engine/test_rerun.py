@@ -280,6 +280,8 @@ def test_a_rerun_copies_the_chunk_files_it_did_not_touch_and_encodes_the_others(
     assert not set(spoilt) & changed and set(spoilt) <= set(rows)  # the spoilt files hold the same labels
     rerun = again.report["rerun"]
     assert rerun["mode"] == "incremental"
+    # a level-0 chunk file spoilt: its labels cannot be read back, so every instance is stitched again
+    assert (rerun["taken"] == 0) if damaged else (0 < rerun["taken"] <= rerun["reused"])
     assert rerun["chunks_written"] == len(changed) + len(spoilt)  # touched or spoilt: encoded
     assert rerun["chunks_copied"] == len(rows) - len(changed) - len(spoilt) > 0  # the rest: copied
     assert outputs(out) == from_scratch_with_same_ids(before, slide, pts, tmp / "ref", chunk=chunk, ngff=version)
@@ -308,3 +310,28 @@ def test_a_state_of_the_older_format_keeps_the_ids_and_copies_no_chunk(case):
     old, now = ids_by_click(first.report), ids_by_click(again.report)
     assert all(now[k] == v for k, v in old.items())
     assert outputs(out) == from_scratch_with_same_ids(before, slide, tmp / "b.csv", tmp / "ref")
+
+
+def test_crowded_nuclei_an_edit_restitches_the_chains_of_touching_instances_it_reaches(tmp_path):
+    """Disks wider than the clicks' spacing: neighbours contest pixels, so what an edit changes spreads
+    along chains of touching instances. The rerun stitches those again, takes the others, and equals a
+    from-scratch run byte for byte."""
+    slide = write_tiff_slide(tmp_path / "slide.tif", 512, 384, 0.25)
+    # clusters of three touching nuclei (disks of radius 9, 12 px apart), clusters 45 px apart
+    clicks = [(round(x + dx, 2), round(y + dy, 2), c) for x, y, c in grid_clicks(500, 372, seed=4)
+              for dx, dy in ((0, 0), (12.3, 0.4), (5.1, 11.6))]
+    model = guided_model(radius=9.0)
+    out = tmp_path / "out"
+    run(slide, write_clicks_csv(tmp_path / "a.csv", clicks), out, model)
+    before = tmp_path / "before"
+    shutil.copytree(out, before)
+    edited = [c for j, c in enumerate(clicks) if j not in (40, 41, 130)]  # delete
+    edited[100] = (round(edited[100][0] + 2.3, 2), edited[100][1], edited[100][2])  # move
+    edited.append((round(clicks[200][0] - 7.5, 2), round(clicks[200][1] + 6.5, 2), "A"))  # add
+    pts = write_clicks_csv(tmp_path / "b.csv", edited[::-1])
+    again = run(slide, pts, out, model)
+    rerun = again.report["rerun"]
+    assert rerun["mode"] == "incremental"
+    # some reused pieces were stitched again (their chain reaches an edit), most were taken
+    assert 0 < rerun["taken"] < rerun["reused"] and rerun["taken"] > len(edited) // 2
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, pts, tmp_path / "ref", model)

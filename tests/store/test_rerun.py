@@ -39,8 +39,9 @@ def state():
     outlines = {"9" * 32: b"\x01\x03polygon", "1" * 32: b"", "5" * 32: bytes(range(256))}
     chunks = ChunkTable({"ngff": "0.5", "chunk": 64}, {(1, 0, 2): ("d1", "s1"), (0, 3, 1): ("d0", "s0"),
                                                        (0, 0, 12): ("d2", "s2")})
+    finals = {f"{0:032x}:1": (12.0, 0.75, 3.5, 4.25, "9" * 32), f"{1:032x}:2": ()}  # an instance; a lost piece
     return RerunState({"mpp": 0.25, "model": {"weights_sha256": "ab"}}, {"next_id": 6, "rows": []}, pieces, outlines,
-                      chunks)
+                      chunks, finals)
 
 
 def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
@@ -55,8 +56,9 @@ def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
     assert back.fingerprint == want.fingerprint and back.ids == want.ids
     assert back.pieces == want.pieces and back.outlines == want.outlines
     assert back.chunks == want.chunks and back.chunks.rows[(0, 3, 1)] == ("d0", "s0")
+    assert back.finals == want.finals
     doc = json.loads((tmp_path / "a" / FOLDER / "state.json").read_bytes())
-    assert doc["format"] == "nuclick-wsi-rerun/2"
+    assert doc["format"] == "nuclick-wsi-rerun/3"
     assert [row[:3] for row in doc["chunks"]["rows"]] == [[0, 0, 12], [0, 3, 1], [1, 0, 2]]  # sorted by key
 
 
@@ -70,7 +72,7 @@ def test_a_state_of_the_older_format_is_read_without_a_chunk_table(tmp_path):
     del doc["chunks"]
     path.write_text(json.dumps(doc))
     back = read_state(tmp_path, hashlib.sha256(path.read_bytes()).hexdigest())
-    assert back.ids == want.ids and back.pieces == want.pieces and not back.chunks.rows
+    assert back.ids == want.ids and back.pieces == want.pieces and not back.chunks.rows and not back.finals
     doc["format"] = "nuclick-wsi-rerun/0"
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="format 'nuclick-wsi-rerun/0'"):
