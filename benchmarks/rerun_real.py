@@ -1,11 +1,24 @@
-"""Real-data rerun check: the example slide's 1,642 clicks; delete 20, move 20, add 20; incremental vs recompute."""
-import hashlib, json, shutil, time, sys
+"""A rerun on real nuclei: the example slide's 1,642 clicks; delete 20, move 20, add 20 (at random over
+the slide, file shuffled); the incremental rerun against a from-scratch run with the same ids, byte for byte.
+
+    python benchmarks/rerun_real.py [WORKDIR]
+
+Prints the times, how many clicks were reused, recomputed and taken without stitching, and whether the
+outputs (QuPath, ASAP, GeoParquet, label store, the report's click records) are identical.
+Session 5 (2-core AMD EPYC, AVX512): from scratch 7.65 s, rerun 2.71 s; 1128 reused, 513 recomputed,
+1087 taken (41 reused outlines touch a recomputed one through a chain and were stitched again);
+18 files identical.
+"""
+import hashlib, json, shutil, tempfile, time, sys
 from pathlib import Path
 import numpy as np
 from nuclick_wsi.io.annotations import read_prompts
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
-W = Path("/tmp/real5"); S = "/work/main/examples/CMU-1-Small-Region.svs"
-clicks = [(c.x, c.y, c.class_name or "") for c in read_prompts("/work/main/examples/CMU-1-Small-Region.clicks.geojson").clicks]
+ROOT = Path(__file__).resolve().parents[1]
+W = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="nuclick-rerun-"))
+W.mkdir(parents=True, exist_ok=True)
+S = str(ROOT / "examples" / "CMU-1-Small-Region.svs")
+clicks = [(c.x, c.y, c.class_name or "") for c in read_prompts(ROOT / "examples" / "CMU-1-Small-Region.clicks.geojson").clicks]
 def csv(path, cl):
     path.write_text("x,y,class\n" + "".join(f"{x:.2f},{y:.2f},{c}\n" for x, y, c in cl)); return path
 rng = np.random.default_rng(5)
