@@ -70,6 +70,9 @@ class Instance:
     kind: str = "nucleus"  #: "nucleus" (from a click) or "gland" (from a squiggle)
     #: soft IoU of the outline with the probability map around it (postprocess/confidence.py); None if unknown
     confidence: float | None = None
+    #: a hash of the mask ``geometry`` traces and its place (engine/run.py ``outline_key``): the same key,
+    #: the same geometry; None if unknown
+    outline: str | None = None
 
 
 def outcome(instance: Instance | None, reason: str) -> dict[str, Any]:

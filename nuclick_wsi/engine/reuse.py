@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import shapely
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.postprocess.stitch import Piece
@@ -62,13 +62,23 @@ class Entry:
         return p.x0, p.y0, p.x0 + p.w, p.y0 + p.h
 
 
-def overlapping_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i, j) of boxes ``a[i]`` and ``b[j]`` (rows x0, y0, x1, y1, end exclusive) sharing a pixel."""
-    if not len(a) or not len(b):
+def overlapping_pairs(a: np.ndarray, b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j) of boxes ``a[i]`` and ``b[j]`` (rows x0, y0, x1, y1, end exclusive) sharing a
+    pixel; ``b`` None: pairs within ``a``, each once (i < j)."""
+    other = a if b is None else b
+    if not len(a) or not len(other):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    tree = shapely.STRtree(shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]))
-    i, j = tree.query(shapely.box(a[:, 0], a[:, 1], a[:, 2], a[:, 3]))  # envelopes that meet, edges included
-    keep = (a[i, 0] < b[j, 2]) & (b[j, 0] < a[i, 2]) & (a[i, 1] < b[j, 3]) & (b[j, 1] < a[i, 3])
+    # two boxes share a pixel only if their centres lie closer than the larger side, per axis
+    reach = float(max((a[:, 2:] - a[:, :2]).max(), (other[:, 2:] - other[:, :2]).max()))
+    ca, cb = (a[:, :2] + a[:, 2:]) / 2, (other[:, :2] + other[:, 2:]) / 2
+    if b is None:
+        pairs = cKDTree(ca).query_pairs(reach, p=np.inf, output_type="ndarray").reshape(-1, 2)
+        i, j = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+    else:
+        near = cKDTree(cb).query_ball_point(ca, reach, p=np.inf)
+        i = np.repeat(np.arange(len(a)), [len(n) for n in near]).astype(np.int64)
+        j = np.fromiter((k for n in near for k in n), np.int64, count=len(i))
+    keep = (a[i, 0] < other[j, 2]) & (other[j, 0] < a[i, 2]) & (a[i, 1] < other[j, 3]) & (other[j, 1] < a[i, 3])
     return i[keep], j[keep]
 
 
@@ -104,7 +114,7 @@ def plan(entries: list[Entry], earlier_pieces: dict[str, PackedPiece], finals: d
     gone_boxes = np.array(gone_boxes, np.int64).reshape(-1, 4)
     dirty = np.array([entries[k].new or key not in finals for k, key in zip(stitched, keys)], bool)
     dirty[overlapping_pairs(boxes, gone_boxes)[0]] = True
-    i, j = overlapping_pairs(boxes, boxes)
+    i, j = overlapping_pairs(boxes)
     n = len(stitched)
     _, comp = connected_components(coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n)), directed=False)
     again = np.isin(comp, comp[dirty])

@@ -243,7 +243,7 @@ class PromptRun:
             return
         area, score, cx, cy, okey = rec
         wkb = self.outlines[okey] = self.known_outlines[okey]
-        self._record(e.index, e.label, shapely.from_wkb(wkb), area, score, cx, cy, e.piece.confidence)
+        self._record(e.index, e.label, shapely.from_wkb(wkb), area, score, cx, cy, e.piece.confidence, okey)
 
     def _piece_of(self, prob: np.ndarray | None, item: Any, position: int) -> Piece | None:
         """The item's instance crop: the earlier run's (reused) or a new one from its probabilities."""
@@ -300,11 +300,11 @@ class PromptRun:
         self.outlines[key] = shapely.to_wkb(geom) if wkb is None else wkb
         if piece.meta.get("sig") is not None:
             self.finals[final_key(piece.meta["sig"], piece.label)] = (area, score, cxm, cym, key)
-        self._record(piece.meta["index"], piece.label, geom, area, score, cxm, cym, piece.meta["confidence"])
+        self._record(piece.meta["index"], piece.label, geom, area, score, cxm, cym, piece.meta["confidence"], key)
         self.timer.add("write", time.perf_counter() - t)
 
     def _record(self, idx: int, label: int, geom, area: float, score: float, cxm: float, cym: float,
-                confidence: float) -> None:
+                confidence: float, outline: str) -> None:
         """An instance and its table row (centroids rounded as numpy rounds, as they always were)."""
         prompt, kind = self.strategy.prompts[idx], self.strategy.kind
         x, y = self.strategy.anchor(idx)
@@ -312,7 +312,7 @@ class PromptRun:
         self.instances.append(Instance(label=label, uuid=self.strategy.uuid_of(idx), geometry=geom,
                                        class_name=prompt.class_name, color=prompt.color, area_px=area,
                                        area_um2=area_um2, score=score, confidence=confidence, prompt_index=idx,
-                                       kind=kind))
+                                       kind=kind, outline=outline))
         self.table.append({"label": label, "prompt_index": idx, "class_name": prompt.class_name,
                            "x": x, "y": y, "centroid_x": round(np.float64(cxm), 3), "centroid_y": round(np.float64(cym), 3),
                            "area_px": area, "area_um2": area_um2, "score": round(score, 6),

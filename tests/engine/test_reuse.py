@@ -23,6 +23,20 @@ def test_overlapping_pairs_are_boxes_sharing_a_pixel_not_an_edge():
     b = np.array([[10, 0, 20, 10], [9, 9, 12, 12], [20, 20, 21, 21], [0, 10, 10, 20]])
     i, j = overlapping_pairs(a, b)
     assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (1, 2)]  # touching edges (b0, b3) share no pixel
+    i, j = overlapping_pairs(b)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (1, 3)]
+
+
+def test_overlapping_pairs_agree_with_a_brute_force_check():
+    rng = np.random.default_rng(1)
+    xy = rng.integers(0, 300, (400, 2))
+    boxes = np.concatenate([xy, xy + rng.integers(1, 40, (400, 2))], axis=1)
+    few = boxes[:30] + 7
+    def brute(a, b, within):
+        return sorted((i, j) for i in range(len(a)) for j in range(len(b)) if (not within or i < j)
+                      and a[i, 0] < b[j, 2] and b[j, 0] < a[i, 2] and a[i, 1] < b[j, 3] and b[j, 1] < a[i, 3])
+    assert sorted(zip(*(v.tolist() for v in overlapping_pairs(boxes)))) == brute(boxes, boxes, True)
+    assert sorted(zip(*(v.tolist() for v in overlapping_pairs(few, boxes)))) == brute(few, boxes, False)
 
 
 def test_an_edit_reaches_along_chains_of_overlapping_boxes_gone_pieces_and_changed_labels():

@@ -499,6 +499,26 @@ def make_instances() -> list[Instance]:
     ]
 
 
+def test_remembered_feature_text_follows_every_field_of_the_instance(tmp_path):
+    """A watching process remembers the text of features by their outline key and fields: an instance
+    with the same outline but another class colour, uuid, area or score is written as itself."""
+    import dataclasses
+
+    from nuclick_wsi.io.annotations.qupath_writer import instance_feature
+
+    base = [dataclasses.replace(i, outline=f"key{i.label}") for i in make_instances()]
+    variants = [base,
+                [dataclasses.replace(i, color=(9, 9, 9)) for i in base],
+                [dataclasses.replace(i, uuid=str(uuid.uuid4())) for i in base],
+                [dataclasses.replace(i, area_px=i.area_px + 1, score=0.123) for i in base],
+                base]
+    for k, instances in enumerate(variants):
+        path = write_qupath(instances, tmp_path / f"{k}.geojson", object_type="cell" if k == 3 else "detection")
+        got = json.loads(path.read_text())["features"]
+        assert got == [instance_feature(i, "cell" if k == 3 else "detection") for i in instances]
+    assert (tmp_path / "0.geojson").read_bytes() == (tmp_path / "4.geojson").read_bytes()
+
+
 def same_shape(a, b, tol=0.01) -> bool:
     return a.normalize().equals_exact(b.normalize(), tol)
 

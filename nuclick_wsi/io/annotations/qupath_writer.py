@@ -74,6 +74,33 @@ def instance_feature(instance: Instance, object_type: str = "detection") -> dict
     return feature
 
 
+#: the text of features written before in this process, by everything a feature is made of (a
+#: watching ``segment`` writes mostly the same outlines on every rerun); the outline key stands for
+#: the geometry. Bounded: cleared when full.
+_TEXT: dict[tuple, str] = {}
+_TEXT_MAX = 300_000
+
+
+def _text(feature: dict) -> str:
+    return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
+
+
+def instance_text(instance: Instance, object_type: str = "detection") -> str:
+    """:func:`instance_feature` as one line of JSON (remembered when the instance's outline key is known)."""
+    if instance.outline is None:
+        return _text(instance_feature(instance, object_type))
+    color = None if instance.color is None else tuple(instance.color)
+    key = (object_type, instance.outline, instance.uuid, instance.class_name, color, instance.area_px,
+           instance.area_um2, instance.score, instance.confidence)
+    text = _TEXT.get(key)
+    if text is None:
+        text = _text(instance_feature(instance, object_type))
+        if len(_TEXT) >= _TEXT_MAX:
+            _TEXT.clear()
+        _TEXT[key] = text
+    return text
+
+
 def point_feature(x: float, y: float, uid: str, *, class_name: str | None, measurements: dict[str, float],
                   object_type: str = "annotation") -> dict:
     """One QuPath Point Feature (a click): coordinates with 2 decimals, measurements as given."""
@@ -88,7 +115,7 @@ def point_feature(x: float, y: float, uid: str, *, class_name: str | None, measu
 
 def write_qupath_points(features: Sequence[dict], path: str | os.PathLike, *, gzip: bool | None = None) -> Path:
     """Write Point Features (:func:`point_feature`) as a QuPath GeoJSON FeatureCollection, atomically."""
-    return _write_features(features, Path(path), gzip)
+    return _write_features((_text(f) for f in features), Path(path), gzip)
 
 
 def write_qupath(
@@ -127,19 +154,20 @@ def write_qupath(
     """
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
-    return _write_features((instance_feature(inst, object_type) for inst in instances), Path(path), gzip)
+    return _write_features((instance_text(inst, object_type) for inst in instances), Path(path), gzip)
 
 
-def _write_features(features, path: Path, gzip: bool | None) -> Path:
-    """A FeatureCollection, one Feature per line, same bytes for the same input; gzip without name or time."""
+def _write_features(lines, path: Path, gzip: bool | None) -> Path:
+    """A FeatureCollection of Features (one line of JSON each, one per line), same bytes for the same
+    input; gzip without name or time."""
     if gzip is None:
         gzip = path.suffix.lower() == ".gz"
     buf = io.StringIO()
     buf.write('{"type":"FeatureCollection","features":[')
-    for k, feature in enumerate(features):
+    for k, line in enumerate(lines):
         buf.write("," if k else "")
         buf.write("\n")
-        buf.write(json.dumps(feature, separators=(",", ":"), ensure_ascii=False))
+        buf.write(line)
     buf.write("\n]}\n")
     data = buf.getvalue().encode("utf-8")
     with atomic_output(path) as tmp:
