@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import queue
 import time
 from typing import Any
 
@@ -61,6 +62,7 @@ class ClickStrategy:
         self.pieces: dict[str, PackedPiece] = {}
         self.reused = 0
         self._row = -1
+        self._spare: queue.SimpleQueue = queue.SimpleQueue()  #: batch buffers to fill again
 
     def plan(self, reasons: dict[int, str]) -> list[int]:
         """Pending clicks; a click in the model pixel of one with a lower id is a duplicate (in ``reasons``)."""
@@ -91,7 +93,7 @@ class ClickStrategy:
                                ties=np.array([self.labels[k] for k in order], np.int64))
         p, half, bs = self.patch, self.patch // 2, self.batch_size
         excl = ExclusionIndex(xs, ys, self.scale)
-        buf = np.zeros((bs, 5, p, p), np.float32)
+        buf = self._buffer()
         meta: list[tuple] = []
         n = 0
         for region in regions:
@@ -118,13 +120,26 @@ class ClickStrategy:
                 n += 1
                 if n == bs:
                     timer.add("read", time.perf_counter() - t)
-                    yield buf.copy(), meta
+                    yield buf, meta
                     t = time.perf_counter()
-                    meta, n = [], 0
+                    buf, meta, n = self._buffer(), [], 0
             timer.add("read", time.perf_counter() - t)
         if meta:
             buf[n:] = 0  # a full batch: the patches' bits do not depend on how many share it
-            yield (buf.copy() if n else None), meta
+            yield (buf if n else None), meta
+
+    def _buffer(self) -> np.ndarray:
+        """A batch buffer: one the network is done with (:meth:`release`), else a new one. Every row of a
+        batch is written before it is sent (the unused rows of the last one zeroed)."""
+        try:
+            return self._spare.get_nowait()
+        except queue.Empty:
+            return np.zeros((self.batch_size, 5, self.patch, self.patch), np.float32)
+
+    def release(self, batch: np.ndarray) -> None:
+        """Hand back a batch the network is done with, to be filled again (fresh buffers cost page faults:
+        a 21 MB buffer per batch of 64)."""
+        self._spare.put(batch)
 
     def signature_of(self, item: tuple) -> str:
         """The signature of an item's piece (:func:`signature`)."""

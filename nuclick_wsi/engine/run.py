@@ -127,6 +127,9 @@ class PromptRun:
             t = time.perf_counter()
             prob = self.predictor(batch)
             self.timer.add("infer", time.perf_counter() - t)
+            release = getattr(self.strategy, "release", None)
+            if release is not None:  # the network is done with it: the producer fills it again
+                release(batch)
             yield prob, meta
 
     def _write_chunk(self, store):

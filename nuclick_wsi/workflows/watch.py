@@ -16,9 +16,11 @@ error and the watch goes on; its outputs are untouched, as after any failed run.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Hashable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,23 @@ class WatchStats:
     failed: int = 0
 
 
+@contextmanager
+def collect_after():
+    """Python's cycle collector off while the block runs, one collection after it.
+
+    During a rerun the collector would walk the loaded model and everything earlier runs left
+    (about 0.1 s of a 2 s rerun); a watch collects once the run is over, while it waits.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
+
+
 def watch(signature: Callable[[], Hashable], run: Callable[[], None], *, interval: float = 0.5,
           settle: float = 0.3, stop: Callable[[], bool] | None = None,
           say: Callable[[str], None] = lambda line: None,
@@ -82,7 +101,8 @@ def watch(signature: Callable[[], Hashable], run: Callable[[], None], *, interva
     def attempt() -> None:
         stats.runs += 1
         try:
-            run()
+            with collect_after():
+                run()
         except NuclickError as exc:
             stats.failed += 1
             say(f"failed: {first_line(exc)} (still watching)")

@@ -248,3 +248,41 @@ def test_cli_segment_watch_reruns_on_export_and_stops_on_ctrl_c(tmp_path):
     finally:
         proc.kill()
     assert any(f"of {len(clicks) + 1} clicks segmented" in line and "incremental: " in line for line in lines)
+
+
+def test_a_watched_run_is_not_interrupted_by_the_cycle_collector_which_runs_after_it():
+    import gc
+    import weakref
+
+    from nuclick_wsi.workflows.watch import collect_after
+
+    class Node:
+        pass
+
+    refs = []
+
+    def run():
+        assert not gc.isenabled()
+        node = Node()
+        node.me = node  # a cycle: only the collector frees it
+        refs.append(weakref.ref(node))
+        for _ in range(100_000):  # allocations that would trigger a collection
+            [[]]
+        assert refs[-1]() is not None
+        if len(refs) > 1:
+            raise RuntimeError("a failed run")
+
+    assert gc.isenabled()
+    stats = watch(lambda: 1, run, stop=lambda: True)
+    assert stats.failed == 0 and gc.isenabled() and refs[0]() is None  # collected once the run was over
+    said = []
+    stats = watch(lambda: 1, run, stop=lambda: True, say=said.append)
+    assert stats.failed == 1 and gc.isenabled()  # a failed run turns it back on too
+    assert said == ["failed: unexpected RuntimeError: a failed run (still watching)"]
+    gc.disable()  # a caller that keeps the collector off finds it off afterwards
+    try:
+        with collect_after():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

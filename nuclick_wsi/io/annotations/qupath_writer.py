@@ -89,7 +89,7 @@ def instance_text(instance: Instance, object_type: str = "detection") -> str:
     """:func:`instance_feature` as one line of JSON (remembered when the instance's outline key is known)."""
     if instance.outline is None:
         return _text(instance_feature(instance, object_type))
-    color = None if instance.color is None else tuple(instance.color)
+    color = None if instance.color is None else repr(tuple(instance.color))  # 1 and 1.0 are written apart
     key = (object_type, instance.outline, instance.uuid, instance.class_name, color, instance.area_px,
            instance.area_um2, instance.score, instance.confidence)
     text = _TEXT.get(key)
