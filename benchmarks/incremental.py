@@ -42,17 +42,24 @@ Session 5 (same CPU type, same conditions), after region reuse (``engine/reuse.p
 edit reaches are taken from the earlier run without stitching; ``taken`` in the report). 92 files,
 every rerun the reference's bytes::
 
-    nuclei apart  edits   recomputed  taken        from scratch  CLI rerun      watching rerun
-    46 px         local    284 / 5017  4733 / 4733  21.4 s        4.96 s (0.23)  2.25 s (0.105)
-    46 px         spread   656 / 5017                21.4 s        6.91 s (0.32)  4.39 s (0.21)
+    nuclei apart  edits   recomputed  taken  from scratch  CLI rerun      watching rerun
+    46 px         local    284 / 5017  4733   21.4 s        4.96 s (0.23)  2.25 s (0.105)  region reuse
+    46 px         spread   656 / 5017  4361   21.4 s        6.91 s (0.32)  4.39 s (0.21)
+    46 px         local    284 / 5017  4733   21.89 s       5.04 s (0.23)  1.94 s (0.089)  + the changes below
+    46 px         spread   656 / 5017  4361   21.89 s       7.17 s (0.33)  4.33 s (0.20)
 
-In one process (the watching rerun's own timings, 3 repeats): 2.0-2.2 s against 19.35 s from scratch
-in that process. Left in a watching rerun: ~0.2 s before the network starts (state, clicks,
-signatures), the recomputed clicks' inference (~1.0-1.15 s here, the network holding both cores),
-then ~0.85 s of serial work (taking 4,700 instances 0.22 s, label store pyramid and table 0.23 s,
-GeoJSON 0.25 s, rerun state 0.1 s). Writing the GeoJSON in a thread beside the store's pyramid,
-and making the taken instances' records while the network ran, were tried and gained nothing on 2
-cores (the network already holds both).
+Then: box pairs by a k-d tree (``shapely.box`` cost 0.12 s), batch buffers filled again instead of a
+fresh 21 MB buffer per batch (page faults in the producer), the GeoJSON text of unchanged outlines
+remembered by a watching process, its cycle collector off during a pass (``collect_after``), rerun
+outlines compressed at zlib level 1. In one process from scratch takes 19.26 s, so the watching
+local rerun is 0.10 of that. Left in it: ~0.2 s before the network starts (state, clicks,
+signatures), the recomputed clicks' inference (~1.0-1.1 s, both cores), then ~0.65 s of serial work
+(re-stitching and writing the touched chunks 0.16 s, pyramid 0.14 s, taking 4,700 instances 0.07 s,
+reading and writing the state 0.13 s, table, report, commit). The spread edit's floor is its
+inference alone (656 clicks, ~2.4 s, 0.12 of from scratch). A CLI rerun pays ~2 s to start
+(torch 1.05 s, other imports 0.55 s, OpenVINO compile 0.3 s) and runs without the watch's warm
+caches. Writing the GeoJSON in a thread beside the store's pyramid, and making the taken instances'
+records while the network ran, were tried and gained nothing on 2 cores (the network holds both).
 46 px is the mean spacing of the densest annotated MoNuSeg tile in ../shared (472 nuclei per
 1000 x 1000 px at 40x; the others 294-445, i.e. 47-58 px); the default 22 px is twice as dense.
 A CLI rerun pays ~2.5-3 s to start (Python, torch, model, OpenVINO compile); a watching rerun is the
