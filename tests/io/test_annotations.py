@@ -501,8 +501,10 @@ def make_instances() -> list[Instance]:
 
 def test_remembered_feature_text_follows_every_field_of_the_instance(tmp_path):
     """A watching process remembers the text of features by their outline key and fields: an instance
-    with the same outline but another class colour, uuid, area or score is written as itself."""
+    with the same outline key but another class colour, uuid, area, score or geometry is written as itself."""
     import dataclasses
+
+    import shapely.affinity
 
     from nuclick_wsi.io.annotations.qupath_writer import instance_feature
 
@@ -511,12 +513,13 @@ def test_remembered_feature_text_follows_every_field_of_the_instance(tmp_path):
                 [dataclasses.replace(i, color=(9, 9, 9)) for i in base],
                 [dataclasses.replace(i, uuid=str(uuid.uuid4())) for i in base],
                 [dataclasses.replace(i, area_px=i.area_px + 1, score=0.123) for i in base],
+                [dataclasses.replace(i, geometry=shapely.affinity.translate(i.geometry, 0.5, 0)) for i in base],
                 base]
     for k, instances in enumerate(variants):
         path = write_qupath(instances, tmp_path / f"{k}.geojson", object_type="cell" if k == 3 else "detection")
         got = json.loads(path.read_text())["features"]
         assert got == [instance_feature(i, "cell" if k == 3 else "detection") for i in instances]
-    assert (tmp_path / "0.geojson").read_bytes() == (tmp_path / "4.geojson").read_bytes()
+    assert (tmp_path / "0.geojson").read_bytes() == (tmp_path / "5.geojson").read_bytes()
 
 
 def same_shape(a, b, tol=0.01) -> bool:

@@ -74,10 +74,11 @@ def instance_feature(instance: Instance, object_type: str = "detection") -> dict
     return feature
 
 
-#: the text of features written before in this process, by everything a feature is made of (a
-#: watching ``segment`` writes mostly the same outlines on every rerun); the outline key stands for
-#: the geometry. Bounded: cleared when full.
-_TEXT: dict[tuple, str] = {}
+#: (geometry, text) of features written before in this process, by everything a feature is made of
+#: (a watching ``segment`` writes mostly the same outlines on every rerun). The outline key only
+#: finds the entry: a hit counts only when the geometry is exactly the same (an instance whose geometry
+#: a script replaced is written anew). Bounded: cleared when full.
+_TEXT: dict[tuple, tuple[Any, str]] = {}
 _TEXT_MAX = 300_000
 
 
@@ -92,12 +93,13 @@ def instance_text(instance: Instance, object_type: str = "detection") -> str:
     color = None if instance.color is None else repr(tuple(instance.color))  # 1 and 1.0 are written apart
     key = (object_type, instance.outline, instance.uuid, instance.class_name, color, instance.area_px,
            instance.area_um2, instance.score, instance.confidence)
-    text = _TEXT.get(key)
-    if text is None:
-        text = _text(instance_feature(instance, object_type))
-        if len(_TEXT) >= _TEXT_MAX:
-            _TEXT.clear()
-        _TEXT[key] = text
+    hit = _TEXT.get(key)
+    if hit is not None and hit[0] == instance.geometry:  # shapely's ==: same type, same coordinates exactly
+        return hit[1]
+    text = _text(instance_feature(instance, object_type))
+    if len(_TEXT) >= _TEXT_MAX:
+        _TEXT.clear()
+    _TEXT[key] = (instance.geometry, text)
     return text
 
 
