@@ -44,7 +44,7 @@ every rerun the reference's bytes::
 
     nuclei apart  edits   recomputed  taken  from scratch  CLI rerun      watching rerun
     46 px         local    284 / 5017  4733   21.4 s        4.96 s (0.23)  2.25 s (0.105)  region reuse
-    46 px         spread   656 / 5017  4361   21.4 s        6.91 s (0.32)  4.39 s (0.21)
+    46 px         spread   656 / 5017  4361   21.4 s        6.91 s (0.32)  4.39 s (0.21)   (taken: all reused)
     46 px         local    284 / 5017  4733   21.89 s       5.04 s (0.23)  1.94 s (0.089)  + the changes below
     46 px         spread   656 / 5017  4361   21.89 s       7.17 s (0.33)  4.33 s (0.20)
 
@@ -106,13 +106,14 @@ from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 slide, first, second, out, precision, bs, formats = sys.argv[1:8]
 opts = SegmentOptions(progress=False, device="cpu", precision=precision, batch_size=int(bs), qc=False,
                       formats=tuple(formats.split(",")))
+from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.workflows.watch import collect_after
-models = Models()  # held across runs, as `segment --watch` holds it
+models, memory = Models(), FeatureMemory()  # held across runs, as `segment --watch` holds them
 with collect_after():  # as the watch runs each pass
-    segment(slide, first, out, options=opts, models=models)  # the watching process's first run (all reused)
+    segment(slide, first, out, options=opts, models=models, memory=memory)  # the watch's first run (all reused)
 with collect_after():
     t = time.perf_counter()
-    r = segment(slide, second, out, options=opts, models=models)  # the rerun after the export changed
+    r = segment(slide, second, out, options=opts, models=models, memory=memory)  # the rerun after the export
     s = time.perf_counter() - t
 print(json.dumps({"s": s, "timings_s": r.report["timings_s"]}))
 """

@@ -40,6 +40,7 @@ from nuclick_wsi.model.predictor import Predictor
 from nuclick_wsi.model.weights import LoadedModel
 from nuclick_wsi.outputs.commit import commit_outputs, write_polygons
 from nuclick_wsi.io.annotations.qupath import OBJECT_TYPES
+from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.outputs import safety
 from nuclick_wsi.outputs.paths import output_paths, slide_stem
 from nuclick_wsi.outputs.report import segment_report
@@ -175,7 +176,7 @@ def check_prompts(prompts: Prompts, slide: SlideSource, points_path, opts: Segme
 
 def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             options: SegmentOptions | None = None, models: Models | None = None,
-            stem: str | None = None) -> SegmentResult:
+            stem: str | None = None, memory: FeatureMemory | None = None) -> SegmentResult:
     """Segment every prompt of ``points_path`` on ``slide_path``; write outputs into ``out_dir``.
 
     Outputs (``S`` = the slide's stem, or ``stem``): ``S.geojson`` (QuPath), ``S.xml`` (ASAP),
@@ -192,7 +193,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     into the same folder (the id table in ``S.labels.zarr``); when the folder holds a complete run
     with the same slide, model, um/px and options, only the clicks whose patch an edit touched are
     recomputed, and the outputs are those a from-scratch run with the same id table writes.
-    ``options.full`` starts afresh.
+    ``options.full`` starts afresh. ``memory``: what a watching process remembers of the GeoJSON it
+    wrote (unchanged outlines are not formatted again; the same bytes).
 
     Raises
     ------
@@ -238,7 +240,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                                                first_label=table.next_id, timer=timer))
         report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,
                                 dict(slide_path=slide_path, points_path=points_path, t_start=t_start,
-                                     rerun=rerun, table=table))
+                                     rerun=rerun, table=table, memory=memory))
     finally:
         slide.close()
     if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
@@ -287,7 +289,9 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                 unit="glands")
         t = time.perf_counter()
         instances = (nuclei[1].instances if nuclei else []) + (gland[1].instances if gland else [])
-        write_polygons(instances, temps, object_type=opts.object_type, gzip=opts.gzip, mpp=mpp)
+        memory = where["memory"]
+        write_polygons(instances, temps, object_type=opts.object_type, gzip=opts.gzip, mpp=mpp,
+                       memo=memory.of(paths["qupath"]) if memory is not None and "qupath" in paths else None)
         timer.add("write", time.perf_counter() - t)
         predictor = (nuclei or gland)[1].predictor
         report = segment_report(slide=slide, prompts=prompts, slide_path=where["slide_path"],

@@ -35,7 +35,6 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.postprocess.stitch import Piece
 from nuclick_wsi.store.rerun import PackedPiece, final_key
 
 Box = tuple[int, int, int, int]  #: x0, y0, x1, y1 (level-0 px, end exclusive)
@@ -49,16 +48,11 @@ class Entry:
     index: int  #: prompt index
     label: int
     signature: str
-    piece: Piece | PackedPiece | None  #: a new piece, an earlier one (packed), or None (no piece: a reason)
-
-    @property
-    def new(self) -> bool:
-        return isinstance(self.piece, Piece)
+    piece: PackedPiece | None  #: the item's piece, packed (None: no piece, a reason)
+    new: bool = False  #: computed in this run (not the earlier run's)
 
     def box(self) -> Box:
         p = self.piece
-        if isinstance(p, Piece):
-            return p.x0, p.y0, p.x1, p.y1
         return p.x0, p.y0, p.x0 + p.w, p.y0 + p.h
 
 
@@ -106,10 +100,8 @@ def plan(entries: list[Entry], earlier_pieces: dict[str, PackedPiece], finals: d
     kept = set(keys)
     gone = [k for k in finals if k not in kept]
     gone_boxes = []
-    for key in gone:
-        p = earlier_pieces.get(key.rsplit(":", 1)[0])
-        if p is None or p.reason is not None:  # a state that lists a final of no piece: trust nothing
-            raise ValueError(f"earlier final instance {key} has no piece")
+    for key in gone:  # read_state checked that every final names a piece that gave an instance
+        p = earlier_pieces[key.rsplit(":", 1)[0]]
         gone_boxes.append((p.x0, p.y0, p.x0 + p.w, p.y0 + p.h))
     gone_boxes = np.array(gone_boxes, np.int64).reshape(-1, 4)
     dirty = np.array([entries[k].new or key not in finals for k, key in zip(stitched, keys)], bool)
@@ -139,8 +131,9 @@ class MergedChunks:
     """The level-0 chunk writer of a rerun that stitches only some instances: each chunk is the earlier
     store's chunk with ``clear`` labels removed and the re-stitched instances painted over it.
 
+    ``store``: the new label store (its ``chunk_bounds``, ``chunk_grid`` and ``copy_chunk`` are used);
     ``earlier``: the earlier store's level 0 (read-only zarr array); ``earlier_keys``: its stored
-    chunks; ``write``: the new store's ``write_chunk``; ``copy``: its ``copy_chunk``.
+    chunks; ``write``: the new store's chunk writer.
     """
 
     def __init__(self, store, earlier, earlier_keys: Iterable[tuple[int, int]], clear: np.ndarray,

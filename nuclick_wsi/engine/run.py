@@ -7,10 +7,13 @@ run, how masks are post-processed, stitched, stored and traced is this module's,
 Threads and what each owns:
 
 - the **producer** thread (:func:`~nuclick_wsi.engine.background.background` over
-  ``strategy.batches``) owns the slide reads and the batch buffers; it touches nothing else of the run
-  but the timer (``Timer.add`` takes its lock);
+  ``strategy.batches``) owns the slide reads and fills the batch buffers; it touches nothing else of
+  the run but the timer (``Timer.add`` takes its lock);
 - an **inference** thread (a second ``background`` around :meth:`PromptRun._predict`) owns the
-  predictor (the network and its device memory);
+  predictor (the network and its device memory), and hands each batch buffer back to the producer
+  (``strategy.release``, a thread-safe queue) once the predictor has returned. So a predictor must be
+  done with its input when it returns: it may not keep it, return a view of it, or read it later
+  (an asynchronous inference request would have to copy it first);
 - the **caller's** thread owns everything else: the stitcher, the label store, ``instances``,
   ``table``, ``reasons`` and the progress bar. Both background threads are stopped and joined
   before :meth:`PromptRun.run` returns or raises, so nothing still reads the slide after it.
@@ -42,7 +45,11 @@ from nuclick_wsi.store.rerun import PackedPiece, final_key
 
 
 class Strategy(Protocol):
-    """What one kind of prompt (click, squiggle) decides; see :mod:`nuclick_wsi.engine.clicks`."""
+    """What one kind of prompt (click, squiggle) decides; see :mod:`nuclick_wsi.engine.clicks`.
+
+    Optional, for incremental reruns (clicks only): ``cache`` (the earlier run's pieces by signature),
+    ``pieces`` (this run's), ``signature_of(item)``; and ``release(batch)``, to refill batch buffers.
+    """
 
     kind: str  #: "nucleus" or "gland" (instances' kind, uuid salt)
     prompts: list  #: the prompts (Click or Squiggle records)
@@ -200,15 +207,15 @@ class PromptRun:
         for prob, items in background(self._predict(s.batches(order, self.timer)), depth=2):
             t = time.perf_counter()
             for k, item in enumerate(items):
-                y, idx, slot = s.flush_y(item), item[0], s.slot(item, k)
-                if slot is not None:
-                    piece = self._piece(prob[slot], item)
+                y, idx, slot, sig = s.flush_y(item), item[0], s.slot(item, k), s.signature_of(item)
+                if slot is not None:  # kept packed (as the next run's state keeps it) until it is stitched
+                    piece = None if self._piece(prob[slot], item) is None else s.pieces[sig]
                 else:
                     piece = s.reuse(item)
                     if piece.reason is not None:
                         self.reasons[idx] = piece.reason
                         piece = None
-                entries.append(Entry(y, idx, s.label_of(idx), s.signature_of(item), piece))
+                entries.append(Entry(y, idx, s.label_of(idx), sig, piece, new=slot is not None))
             self.timer.add("post", time.perf_counter() - t)
             if progress is not None:
                 progress.update(len(items))
@@ -227,8 +234,6 @@ class PromptRun:
                 continue
             if not again:
                 self._take(e)
-            elif e.new:
-                self._add(stitcher, e.piece)
             else:
                 self._add(stitcher, self._unpacked(e.piece, e.index, e.signature))
         self.timer.add("post", time.perf_counter() - t)

@@ -12,10 +12,11 @@ from nuclick_wsi.records import Instance
 
 
 def write_polygons(instances: list[Instance], temps: dict[str, Path], *, object_type: str, gzip: bool,
-                   mpp: float) -> None:
-    """The polygon outputs ``temps`` names (``qupath``, ``asap``, ``geoparquet``)."""
+                   mpp: float, memo: dict | None = None) -> None:
+    """The polygon outputs ``temps`` names (``qupath``, ``asap``, ``geoparquet``); ``memo``: the QuPath
+    file's entries of a watching process's :class:`~nuclick_wsi.io.annotations.qupath_writer.FeatureMemory`."""
     if "qupath" in temps:
-        write_qupath(instances, temps["qupath"], object_type=object_type, gzip=gzip)
+        write_qupath(instances, temps["qupath"], object_type=object_type, gzip=gzip, memo=memo)
     if "asap" in temps:
         write_asap(instances, temps["asap"])
     if "geoparquet" in temps:

@@ -19,6 +19,7 @@ earlier store's folder and table (:class:`EarlierStore`); then
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -122,25 +123,32 @@ class ChunkLedger:
         self.copied = 0  #: chunk files copied from the earlier store
         self.written = 0  #: chunk files encoded (written by zarr)
         self._lock = threading.Lock()
+        self._verified: set[Key] = set()  #: earlier files checked against their SHA-256 in this run
 
     def _earlier_digest(self, key: Key) -> str | None:
         row = self.earlier.table.rows.get(key) if self.earlier is not None else None
         return None if row is None else row[0]
 
     def _copy(self, key: Key) -> bool:
-        """Copy the earlier file of ``key`` if its bytes are the recorded ones; True when copied."""
+        """Copy the earlier file of ``key`` if its bytes are the recorded ones (checked now, or by
+        :meth:`earlier_intact` earlier in this run); True when copied."""
         if self.earlier is None or key not in self.earlier.table.rows:
             return False
         digest, sha = self.earlier.table.rows[key]
+        source = chunk_file(self.earlier.path, self.version, key)
+        target = chunk_file(self.root, self.version, key)  # in a new store (a temporary folder)
         try:
-            data = chunk_file(self.earlier.path, self.version, key).read_bytes()
+            if key in self._verified:  # read and hashed once per run is enough
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            else:
+                data = source.read_bytes()
+                if hashlib.sha256(data).hexdigest() != sha:
+                    return False
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
         except OSError:  # deleted, unreadable: encode instead
             return False
-        if hashlib.sha256(data).hexdigest() != sha:
-            return False
-        target = chunk_file(self.root, self.version, key)  # in a new store (a temporary folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
         with self._lock:
             self.table.rows[key] = (digest, sha)
             self.copied += 1
@@ -157,8 +165,10 @@ class ChunkLedger:
         if self.earlier is None:
             return False
         for key, (_, sha) in self.earlier.table.rows.items():
-            if key[0] == level and _sha256_file(chunk_file(self.earlier.path, self.version, key)) != sha:
-                return False
+            if key[0] == level:
+                if _sha256_file(chunk_file(self.earlier.path, self.version, key)) != sha:
+                    return False
+                self._verified.add(key)
         return True
 
     def _written(self, key: Key, digest: str) -> None:

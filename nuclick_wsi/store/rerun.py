@@ -164,18 +164,22 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
         return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, _outlines(doc["outlines"], lines),
                           ChunkTable.from_json(doc["chunks"]) if "chunks" in doc or doc["format"] != OLDER[0]
                           else ChunkTable(),  # /1: no chunk table (nothing copied), ids and pieces as ever
-                          _finals(doc) if doc["format"] == FORMAT else {})  # /1, /2: every instance stitched
+                          _finals(doc, pieces) if doc["format"] == FORMAT else {})  # /1, /2: every instance stitched
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{folder / 'state.json'}: malformed ({exc})") from None
 
 
-def _finals(doc: dict[str, Any]) -> dict[str, tuple]:
+def _finals(doc: dict[str, Any], pieces: dict[str, PackedPiece]) -> dict[str, tuple]:
+    """The final instances of ``doc``; each must name a piece of the state that gave an instance."""
     finals = doc["finals"]
     if finals.get("columns") != ["key", "area_px", "score", "centroid_x", "centroid_y", "outline"]:
         raise ValueError("finals without the expected columns")
     out: dict[str, tuple] = {}
     for row in finals["rows"]:
         key, rest = str(row[0]), row[1:]
+        piece = pieces.get(key.rsplit(":", 1)[0])
+        if piece is None or piece.reason is not None or not key.rsplit(":", 1)[-1].isdigit():
+            raise ValueError(f"final instance {key} names no piece of the state")
         if rest and (len(rest) != 5 or not all(isinstance(v, (int, float)) for v in rest[:4])
                      or not isinstance(rest[4], str)):
             raise ValueError(f"final instance {key}: malformed")

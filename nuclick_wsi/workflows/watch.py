@@ -27,6 +27,7 @@ from typing import Any
 
 from nuclick_wsi._util.text import first_line
 from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.outputs.signals import Terminated
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.pipeline import SegmentOptions, SegmentResult, segment
@@ -161,11 +162,12 @@ def watch_segment(slide_path: str | os.PathLike, points_path: str | os.PathLike,
     models = models or Models()
     opts = options or SegmentOptions()
     done_once = [False]  # --full holds until a run succeeds
+    memory = FeatureMemory()  # the GeoJSON text of unchanged outlines, not formatted again
 
     def run() -> None:
         t = time.perf_counter()
         result = segment(slide_path, points_path, out_dir, options=_without_full(opts) if done_once[0] else opts,
-                         models=models, stem=stem)
+                         models=models, stem=stem, memory=memory)
         done_once[0] = True
         say(f"{time.strftime('%H:%M:%S')} {Path(points_path).name}: {describe(result, time.perf_counter() - t)}")
         if on_result is not None:
@@ -194,6 +196,7 @@ def watch_project(project: QuPathProject | str | os.PathLike, *, options: Segmen
     first_proj = project if isinstance(project, QuPathProject) else read_project(project)
     clicks_dir, project_file = first_proj.clicks_dir, first_proj.file
     passed = [False]  # --force and --full hold until a pass has no failed image
+    memory = FeatureMemory()  # per image: the GeoJSON text of unchanged outlines
     seen: dict[str, Any] = {}  # clicks file -> its signature when the last pass started
 
     def run() -> None:
@@ -203,7 +206,8 @@ def watch_project(project: QuPathProject | str | os.PathLike, *, options: Segmen
         # exported again since the last pass began (maybe while it ran, after it read the file):
         # redone whatever the results' times say
         redo = {str(proj.clicks_dir / e) for e, sig in now.items() if e in seen and seen[e] != sig}
-        done = run_project(proj, options=o, models=models, bounds_offset=bounds_offset, force=f, redo=redo, log=None)
+        done = run_project(proj, options=o, models=models, bounds_offset=bounds_offset, force=f, redo=redo, log=None,
+                           memory=memory)
         seen.clear()
         seen.update(now)
         passed[0] = passed[0] or not done.failed

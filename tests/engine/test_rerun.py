@@ -335,3 +335,20 @@ def test_crowded_nuclei_an_edit_restitches_the_chains_of_touching_instances_it_r
     # some reused pieces were stitched again (their chain reaches an edit), most were taken
     assert 0 < rerun["taken"] < rerun["reused"] and rerun["taken"] > len(edited) // 2
     assert outputs(out) == from_scratch_with_same_ids(before, slide, pts, tmp_path / "ref", model)
+
+
+def test_a_state_whose_finals_name_an_unknown_piece_gives_a_full_run(case):
+    """A state consistent with its report (sha) but whose final instances name no piece of it is not
+    reused, like any other inconsistent earlier output (review finding: it crashed the run)."""
+    slide, clicks, tmp = case
+    out = tmp / "out"
+    first = run(slide, write_clicks_csv(tmp / "a.csv", clicks), out, chunk=128)
+    state = out / "slide.labels.zarr" / FOLDER / "state.json"
+    doc = json.loads(state.read_bytes())
+    doc["finals"]["rows"].append(["0" * 32 + ":999", 10.0, 0.5, 1.0, 1.0, doc["finals"]["rows"][0][5]])
+    state.write_bytes(json.dumps(doc, sort_keys=True).encode())
+    rep = dict(first.report, rerun=dict(first.report["rerun"], state_sha256=hashlib.sha256(state.read_bytes()).hexdigest()))
+    (out / "slide.report.json").write_text(json.dumps(rep))
+    again = run(slide, write_clicks_csv(tmp / "b.csv", clicks[1:]), out, chunk=128)
+    assert again.report["rerun"]["mode"] == "full"
+    assert "names no piece" in again.report["rerun"]["why_full"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from nuclick_wsi.engine.reuse import Entry, overlapping_pairs, plan
-from nuclick_wsi.postprocess.stitch import Piece
 from nuclick_wsi.store.rerun import PackedPiece, final_key
 
 
@@ -13,9 +12,6 @@ def packed(x0, y0, x1, y1) -> PackedPiece:
     return PackedPiece(x0, y0, y1 - y0, x1 - x0, 0.5, b"")
 
 
-def new_piece(label, x0, y0, x1, y1) -> Piece:
-    shape = (y1 - y0, x1 - x0)
-    return Piece(label, x0, y0, np.ones(shape, bool), np.ones(shape, np.float16), np.zeros(shape, bool))
 
 
 def test_overlapping_pairs_are_boxes_sharing_a_pixel_not_an_edge():
@@ -48,7 +44,7 @@ def test_an_edit_reaches_along_chains_of_overlapping_boxes_gone_pieces_and_chang
                                                      ("f", 7), ("h", 8)]}
     finals[final_key("lost", 9)] = ()  # stitched there, lost every pixel; gone now, near nothing
     entries = [
-        Entry(None, 0, 1, "a1", new_piece(1, 0, 0, 10, 10)),  # click 1 recomputed (its piece is new)
+        Entry(None, 0, 1, "a1", packed(0, 0, 10, 10), new=True),  # click 1 recomputed (its piece is new)
         Entry(None, 1, 2, "b", earlier["b"]),  # overlaps the new piece
         Entry(None, 2, 3, "c", earlier["c"]),  # overlaps b only: the chain reaches it
         Entry(None, 3, 4, "d", earlier["d"]),  # far from everything: taken

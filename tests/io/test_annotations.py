@@ -500,13 +500,14 @@ def make_instances() -> list[Instance]:
 
 
 def test_remembered_feature_text_follows_every_field_of_the_instance(tmp_path):
-    """A watching process remembers the text of features by their outline key and fields: an instance
-    with the same outline key but another class colour, uuid, area, score or geometry is written as itself."""
+    """A watching process remembers the text of the features it wrote by their outline key and fields:
+    an instance with the same outline key but another class colour, uuid, area, score or geometry is
+    written as itself, and the memory holds only the last write of each file."""
     import dataclasses
 
     import shapely.affinity
 
-    from nuclick_wsi.io.annotations.qupath_writer import instance_feature
+    from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory, instance_feature
 
     base = [dataclasses.replace(i, outline=f"key{i.label}") for i in make_instances()]
     variants = [base,
@@ -515,11 +516,17 @@ def test_remembered_feature_text_follows_every_field_of_the_instance(tmp_path):
                 [dataclasses.replace(i, area_px=i.area_px + 1, score=0.123) for i in base],
                 [dataclasses.replace(i, geometry=shapely.affinity.translate(i.geometry, 0.5, 0)) for i in base],
                 base]
+    memory = FeatureMemory()
+    out = tmp_path / "out.geojson"
     for k, instances in enumerate(variants):
-        path = write_qupath(instances, tmp_path / f"{k}.geojson", object_type="cell" if k == 3 else "detection")
-        got = json.loads(path.read_text())["features"]
-        assert got == [instance_feature(i, "cell" if k == 3 else "detection") for i in instances]
+        kind = "cell" if k == 3 else "detection"
+        write_qupath(instances, out, object_type=kind, memo=memory.of(out))
+        got = json.loads(out.read_text())["features"]
+        assert got == [instance_feature(i, kind) for i in instances]
+        assert len(memory.of(out)) == len(instances)  # this write's features only
+        (tmp_path / f"{k}.geojson").write_bytes(out.read_bytes())
     assert (tmp_path / "0.geojson").read_bytes() == (tmp_path / "5.geojson").read_bytes()
+    assert write_qupath(base, tmp_path / "plain.geojson").read_bytes() == out.read_bytes()  # no memory: same bytes
 
 
 def same_shape(a, b, tol=0.01) -> bool:

@@ -103,3 +103,12 @@ def test_altered_or_missing_state_is_refused(tmp_path, damage):
         sha = "0" * 64
     with pytest.raises(ValueError):
         read_state(tmp_path, sha)
+
+
+def test_final_instances_must_name_pieces_that_gave_an_instance(tmp_path):
+    for bad in (f"{9:032x}:3", "f" * 32 + ":4", f"{0:032x}:x"):  # no such piece; a piece with a reason; no label
+        want = state()
+        want.finals[bad] = ()
+        sha = write_state(tmp_path, want)
+        with pytest.raises(ValueError, match="names no piece"):
+            read_state(tmp_path, sha)

@@ -74,33 +74,51 @@ def instance_feature(instance: Instance, object_type: str = "detection") -> dict
     return feature
 
 
-#: (geometry, text) of features written before in this process, by everything a feature is made of
-#: (a watching ``segment`` writes mostly the same outlines on every rerun). The outline key only
-#: finds the entry: a hit counts only when the geometry is exactly the same (an instance whose geometry
-#: a script replaced is written anew). Bounded: cleared when full.
-_TEXT: dict[tuple, tuple[Any, str]] = {}
-_TEXT_MAX = 300_000
+class FeatureMemory:
+    """The feature text of the last write to each output file, kept by a watching process
+    (:mod:`nuclick_wsi.workflows.watch`) so that a rerun writes its unchanged outlines without
+    formatting them again. An entry is found by everything a feature is made of (its outline key
+    stands in for the geometry) and counts only when the geometry is exactly the same (shapely ``==``),
+    so an instance whose geometry a script replaced is written anew. Each file keeps only its last
+    write's features, at most ``MAX`` (a larger slide is formatted each time)."""
+
+    MAX = 100_000
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[tuple, tuple[Any, str]]] = {}
+
+    def of(self, path: str | os.PathLike) -> dict[tuple, tuple[Any, str]]:
+        """The entries of output file ``path`` (its final path, not a temporary's)."""
+        return self.files.setdefault(str(Path(path).resolve()), {})
 
 
 def _text(feature: dict) -> str:
     return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
 
 
-def instance_text(instance: Instance, object_type: str = "detection") -> str:
-    """:func:`instance_feature` as one line of JSON (remembered when the instance's outline key is known)."""
-    if instance.outline is None:
-        return _text(instance_feature(instance, object_type))
-    color = None if instance.color is None else repr(tuple(instance.color))  # 1 and 1.0 are written apart
-    key = (object_type, instance.outline, instance.uuid, instance.class_name, color, instance.area_px,
-           instance.area_um2, instance.score, instance.confidence)
-    hit = _TEXT.get(key)
-    if hit is not None and hit[0] == instance.geometry:  # shapely's ==: same type, same coordinates exactly
-        return hit[1]
-    text = _text(instance_feature(instance, object_type))
-    if len(_TEXT) >= _TEXT_MAX:
-        _TEXT.clear()
-    _TEXT[key] = (instance.geometry, text)
-    return text
+def _texts(instances: Sequence[Instance], object_type: str, memo: dict | None):
+    """:func:`instance_feature` of each instance as one line of JSON, taken from ``memo`` where it holds
+    the same feature; ``memo`` then holds this write's features."""
+    if memo is None:
+        for inst in instances:
+            yield _text(instance_feature(inst, object_type))
+        return
+    now: dict[tuple, tuple[Any, str]] = {}
+    for inst in instances:
+        key = None
+        if inst.outline is not None:  # repr: -0.0 and 0.0, or 1 and 1.0, are written apart
+            key = (object_type, inst.outline, inst.uuid, inst.class_name, repr(inst.color), repr(inst.area_px),
+                   repr(inst.area_um2), repr(inst.score), repr(inst.confidence))
+        hit = memo.get(key) if key is not None else None
+        if hit is not None and hit[0] == inst.geometry:
+            text = hit[1]
+        else:
+            text = _text(instance_feature(inst, object_type))
+        if key is not None and len(now) < FeatureMemory.MAX:
+            now[key] = (inst.geometry, text)
+        yield text
+    memo.clear()
+    memo.update(now)
 
 
 def point_feature(x: float, y: float, uid: str, *, class_name: str | None, measurements: dict[str, float],
@@ -126,6 +144,7 @@ def write_qupath(
     *,
     object_type: str = "detection",
     gzip: bool | None = None,
+    memo: dict | None = None,
 ) -> Path:
     """Write instances as a QuPath GeoJSON FeatureCollection, atomically.
 
@@ -148,6 +167,9 @@ def write_qupath(
         QuPath object type; detections scale to millions of objects in QuPath.
     gzip : bool, optional
         Compress; by default when ``path`` ends in ``.gz``.
+    memo : dict, optional
+        The output file's entries of a :class:`FeatureMemory` (a watching process's): unchanged
+        features are taken from it, and it is left holding this write's.
 
     Returns
     -------
@@ -156,7 +178,7 @@ def write_qupath(
     """
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {', '.join(OBJECT_TYPES)}, not {object_type!r}")
-    return _write_features((instance_text(inst, object_type) for inst in instances), Path(path), gzip)
+    return _write_features(_texts(instances, object_type, memo), Path(path), gzip)
 
 
 def _write_features(lines, path: Path, gzip: bool | None) -> Path:

@@ -15,6 +15,7 @@ from nuclick_wsi.workflows.qupath_project.project import CLICKS_DIR, ProjectImag
 from nuclick_wsi._util.fs import atomic_output, cleanup_temporaries
 from nuclick_wsi._util.text import first_line
 from nuclick_wsi.errors import ModelError, NuclickError
+from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.pipeline import SegmentOptions, segment
@@ -61,7 +62,8 @@ class ProjectRun:
 
 def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentOptions | None = None,
                 models: Models | None = None, bounds_offset: bool | None = None, force: bool = False,
-                redo: Collection[str] = (), log: Callable[[str], None] | None = None) -> ProjectRun:
+                redo: Collection[str] = (), log: Callable[[str], None] | None = None,
+                memory: FeatureMemory | None = None) -> ProjectRun:
     """Segment the exported clicks of every image of a QuPath project.
 
     For each image with ``PROJECT/nuclick/clicks/<name>.geojson``: resolve its slide from the
@@ -91,6 +93,8 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
         (``--watch``: exported again while a pass ran, so older than the results they are newer than).
     log : callable, optional
         Receives one line per image as it is done.
+    memory : FeatureMemory, optional
+        A watching process's memory of the GeoJSON it wrote (see :func:`~nuclick_wsi.pipeline.segment`).
 
     Raises
     ------
@@ -122,7 +126,7 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
             image_opts = _prepare(proj, image, out, opts, by_file,
                                   force or (out.clicks is not None and str(out.clicks) in redo), bounds_offset)
             if image_opts is not None:
-                _segment_one(image, out, image_opts, models, results)
+                _segment_one(image, out, image_opts, models, results, memory)
         except ModelError as exc:
             if models.is_load_error(exc):
                 raise  # the weights themselves are wrong: the same for every image
@@ -167,8 +171,9 @@ def _prepare(proj: QuPathProject, image: ProjectImage, out: ImageOutcome, opts: 
 
 
 def _segment_one(image: ProjectImage, out: ImageOutcome, opts: SegmentOptions, models: Models,
-                 results: Path) -> None:
-    result = segment(image.path, out.clicks, results, options=opts, stem=image.file_name, models=models)
+                 results: Path, memory: FeatureMemory | None = None) -> None:
+    result = segment(image.path, out.clicks, results, options=opts, stem=image.file_name, models=models,
+                     memory=memory)
     out.status = "segmented"
     t = out.totals = result.report["totals"]
     out.outputs = {k: str(p) for k, p in result.outputs.items()}
