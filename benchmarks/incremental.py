@@ -47,12 +47,18 @@ every rerun the reference's bytes::
     46 px         spread   656 / 5017  4361   21.4 s        6.91 s (0.32)  4.39 s (0.21)   (taken: all reused)
     46 px         local    284 / 5017  4733   21.89 s       5.04 s (0.23)  1.94 s (0.089)  + the changes below
     46 px         spread   656 / 5017  4361   21.89 s       7.17 s (0.33)  4.33 s (0.20)
+    46 px         local    284 / 5017  4733   22.25 s       5.50 s (0.25)  2.15 s (0.097)  after the review fixes
+    46 px         local    284 / 5017  4733   22.2 s        5.25 s (0.24)  1.96 s (0.088)  (same code, again)
+    46 px         local    284 / 5017  4733   21.47 s       4.86 s (0.23)  1.98 s (0.092)  (same code, again)
+    46 px         spread   656 / 5017  4361   22.25 s       7.24 s (0.33)  4.32 s (0.19)
 
 Then: box pairs by a k-d tree (``shapely.box`` cost 0.12 s), batch buffers filled again instead of a
 fresh 21 MB buffer per batch (page faults in the producer), the GeoJSON text of unchanged outlines
-remembered by a watching process, its cycle collector off during a pass (``collect_after``), rerun
-outlines compressed at zlib level 1. In one process from scratch takes 19.26 s, so the watching
-local rerun is 0.10 of that. Left in it: ~0.2 s before the network starts (state, clicks,
+remembered by a watching process (``FeatureMemory``), its cycle collector off during a pass
+(``collect_after``), rerun outlines compressed at zlib level 1, earlier chunk files hashed once.
+In one process (``segment`` with one ``Models`` and ``FeatureMemory``, as the watch runs it) from
+scratch takes 19.26-19.47 s and the local rerun 1.81-1.83 s (0.093), once 2.30 s (the network
+slower that time: 1.46 s instead of 1.03 s). Left in it: ~0.2 s before the network starts (state, clicks,
 signatures), the recomputed clicks' inference (~1.0-1.1 s, both cores), then ~0.65 s of serial work
 (re-stitching and writing the touched chunks 0.16 s, pyramid 0.14 s, taking 4,700 instances 0.07 s,
 reading and writing the state 0.13 s, table, report, commit). The spread edit's floor is its
