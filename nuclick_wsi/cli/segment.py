@@ -61,7 +61,8 @@ def segment(slide, points, out_dir, formats, object_type, gzip, threshold, min_o
             click.echo(f"  skipped {n}: {reason}", err=True)
         rerun = result.report.get("rerun")
         if rerun:
-            click.echo(f"incremental rerun: {rerun['reused']} reused, {rerun['recomputed']} recomputed" if
+            click.echo(f"incremental rerun: {rerun['reused']} reused, {rerun['recomputed']} recomputed, "
+                       f"{rerun['taken']} outlines kept without stitching" if
                        rerun["mode"] == "incremental" else f"full run: {rerun['why_full']}", err=True)
         if "squiggles" in t:
             click.echo(f"{t['glands_segmented']} of {t['squiggles']} squiggles segmented (glands)", err=True)

@@ -142,7 +142,8 @@ def describe(result: SegmentResult, seconds: float) -> str:
     t, rerun = result.report["totals"], result.report.get("rerun")
     line = f"{t['segmented']} of {t['clicks']} clicks segmented in {seconds:.1f} s"
     if rerun:
-        line += (f" (incremental: {rerun['reused']} reused, {rerun['recomputed']} recomputed)"
+        line += (f" (incremental: {rerun['reused']} reused, {rerun['recomputed']} recomputed, "
+                 f"{rerun['taken']} outlines kept without stitching)"
                  if rerun["mode"] == "incremental" else f" (full run: {rerun['why_full']})")
     return line
 

@@ -310,7 +310,7 @@ def test_rerun_says_what_it_reused_and_full_starts_afresh(case):
     assert invoke(*segment_args(slide, pts, out, "--no-qc")).exit_code == 0
     again = invoke(*segment_args(slide, pts, out, "--no-qc"))
     assert again.exit_code == 0, again.output
-    assert "incremental rerun: 2 reused, 0 recomputed" in again.stderr
+    assert "incremental rerun: 2 reused, 0 recomputed, 2 outlines kept without stitching" in again.stderr
     full = invoke(*segment_args(slide, pts, out, "--no-qc", "--full"))
     assert full.exit_code == 0 and "full run: --full" in full.stderr
     assert json.loads((out / "slide.report.json").read_text())["rerun"]["why_full"] == "--full"
