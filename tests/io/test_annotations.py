@@ -527,6 +527,9 @@ def test_remembered_feature_text_follows_every_field_of_the_instance(tmp_path):
         (tmp_path / f"{k}.geojson").write_bytes(out.read_bytes())
     assert (tmp_path / "0.geojson").read_bytes() == (tmp_path / "5.geojson").read_bytes()
     assert write_qupath(base, tmp_path / "plain.geojson").read_bytes() == out.read_bytes()  # no memory: same bytes
+    for k in range(FeatureMemory.FILES):  # only the files written last are remembered
+        write_qupath(base, tmp_path / f"other{k}.geojson", memo=memory.of(tmp_path / f"other{k}.geojson"))
+    assert str(out.resolve()) not in memory.files and len(memory.files) == FeatureMemory.FILES
 
 
 def same_shape(a, b, tol=0.01) -> bool:

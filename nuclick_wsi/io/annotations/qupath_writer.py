@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,16 +81,23 @@ class FeatureMemory:
     formatting them again. An entry is found by everything a feature is made of (its outline key
     stands in for the geometry) and counts only when the geometry is exactly the same (shapely ``==``),
     so an instance whose geometry a script replaced is written anew. Each file keeps only its last
-    write's features, at most ``MAX`` (a larger slide is formatted each time)."""
+    write's features, at most ``MAX`` (a larger slide is formatted each time), and only the ``FILES``
+    files written last are kept (a watched QuPath project: the images being worked on)."""
 
     MAX = 100_000
+    FILES = 4
 
     def __init__(self) -> None:
-        self.files: dict[str, dict[tuple, tuple[Any, str]]] = {}
+        self.files: OrderedDict[str, dict[tuple, tuple[Any, str]]] = OrderedDict()
 
     def of(self, path: str | os.PathLike) -> dict[tuple, tuple[Any, str]]:
         """The entries of output file ``path`` (its final path, not a temporary's)."""
-        return self.files.setdefault(str(Path(path).resolve()), {})
+        key = str(Path(path).resolve())
+        entries = self.files.pop(key, {})
+        self.files[key] = entries
+        while len(self.files) > self.FILES:
+            self.files.popitem(last=False)
+        return entries
 
 
 def _text(feature: dict) -> str:
