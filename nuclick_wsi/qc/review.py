@@ -124,8 +124,8 @@ def _click_on_edge(inputs: QcInputs, opts: ReviewOptions) -> dict[int, str]:
 def shared_edges(labels_path) -> tuple[dict[int, int], dict[int, int]]:
     """Per label: pixel edges on its outline, and those bordering another label.
 
-    Level 0 is read chunk by chunk (with one row and column of overlap, for edges across chunks),
-    so memory stays at one chunk whatever the slide's size.
+    Level 0 is read chunk by chunk, each chunk once (its outer rows and columns are kept for the
+    edges across chunk borders), so memory stays at one chunk whatever the slide's size.
     """
     arr = open_labels(labels_path)
     h, w = arr.shape
@@ -143,16 +143,31 @@ def shared_edges(labels_path) -> tuple[dict[int, int], dict[int, int]]:
                     counts[i] += c
 
     stored = stored_chunks(labels_path, 0)
-    # a chunk above or left of a labelled one holds the edges along their common border
-    todo = sorted(stored | {(cy - 1, cx) for cy, cx in stored if cy} | {(cy, cx - 1) for cy, cx in stored if cx})
-    for cy, cx in todo:
+    rims: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}  # top row, left column, bottom row, right column
+    for cy, cx in sorted(stored):
         y0, x0 = cy * step, cx * step
-        block = np.asarray(arr[y0:min(h, y0 + step + 1), x0:min(w, x0 + step + 1)])
-        if not block.any():
-            continue
-        bh, bw = min(step, h - y0), min(step, w - x0)
-        add(block[:bh, :-1], block[:bh, 1:])
-        add(block[:-1, :bw], block[1:, :bw])
+        block = np.asarray(arr[y0:min(h, y0 + step), x0:min(w, x0 + step)])
+        add(block[:, :-1], block[:, 1:])
+        add(block[:-1, :], block[1:, :])
+        rims[(cy, cx)] = (block[0].copy(), block[:, 0].copy(), block[-1].copy(), block[:, -1].copy())
+
+    def rim(cy: int, cx: int, side: int) -> np.ndarray:
+        if (cy, cx) in rims:
+            return rims[(cy, cx)][side]
+        size = min(step, w - cx * step) if side in (0, 2) else min(step, h - cy * step)
+        return np.zeros(size, np.uint32)
+
+    borders = set()  # (upper or left chunk, lower or right chunk, vertical?) next to a stored chunk
+    for cy, cx in stored:
+        for a, b, down in (((cy - 1, cx), (cy, cx), True), ((cy, cx), (cy + 1, cx), True),
+                           ((cy, cx - 1), (cy, cx), False), ((cy, cx), (cy, cx + 1), False)):
+            if min(a) >= 0 and b[0] * step < h and b[1] * step < w:
+                borders.add((a, b, down))
+    for a, b, down in sorted(borders):
+        if down:
+            add(rim(*a, 2)[None, :], rim(*b, 0)[None, :])
+        else:
+            add(rim(*a, 3)[:, None], rim(*b, 1)[:, None])
     return dict(perim), dict(shared)
 
 

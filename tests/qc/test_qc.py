@@ -125,6 +125,34 @@ def test_shared_edges_counts_pixel_edges_across_chunks(tmp_path):
     assert perim == {1: 40, 2: 40, 3: 8} and shared == {1: 10, 2: 10}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shared_edges_equal_a_count_over_the_whole_image(tmp_path, seed):
+    """Blobs on a 70 x 53 image in chunks of 16 (edge chunks smaller, some chunks empty, so not stored):
+    the chunk-by-chunk count equals one over the whole image, borders between chunks included."""
+    from collections import Counter
+
+    from nuclick_wsi.store.labels import LabelStore
+
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((53, 70), np.uint32)
+    for k in range(1, 25):
+        y, x = rng.integers(0, 53), rng.integers(0, 70)
+        lab[max(0, y - 4):y + rng.integers(1, 6), max(0, x - 3):x + rng.integers(1, 7)] = k
+    lab[:, 32:48] = 0  # a column of chunks with nothing in it
+    store = LabelStore.create(tmp_path / "l.zarr", 70, 53, chunk=16, mpp=0.5)
+    for cy in range(4):
+        for cx in range(5):
+            store.write_chunk(cy, cx, lab[cy * 16:(cy + 1) * 16, cx * 16:(cx + 1) * 16])
+    store.finalize([{"label": int(k)} for k in np.unique(lab) if k])
+    perim, shared = Counter(), Counter()
+    for a, b in ((lab[:, :-1], lab[:, 1:]), (lab[:-1], lab[1:])):
+        for one, other in ((a, b), (b, a)):
+            on = (one != other) & (one > 0)
+            perim.update(one[on].tolist())
+            shared.update(one[on & (other > 0)].tolist())
+    assert shared_edges(tmp_path / "l.zarr") == (dict(perim), dict(shared))
+
+
 def test_report_rebuilds_without_the_model_and_says_what_is_missing(planted, tmp_path):
     out, report, _ = planted
     copy = tmp_path / "copy"
