@@ -35,7 +35,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.store.rerun import PackedPiece, final_key
+from nuclick_wsi.store.rerun import PackedPiece, final_key, split_final_key
 
 Box = tuple[int, int, int, int]  #: x0, y0, x1, y1 (level-0 px, end exclusive)
 
@@ -52,8 +52,7 @@ class Entry:
     new: bool = False  #: computed in this run (not the earlier run's)
 
     def box(self) -> Box:
-        p = self.piece
-        return p.x0, p.y0, p.x0 + p.w, p.y0 + p.h
+        return self.piece.box
 
 
 def overlapping_pairs(a: np.ndarray, b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +98,8 @@ def plan(entries: list[Entry], earlier_pieces: dict[str, PackedPiece], finals: d
     boxes = np.array([entries[k].box() for k in stitched], np.int64).reshape(-1, 4)
     kept = set(keys)
     gone = [k for k in finals if k not in kept]
-    gone_boxes = []
-    for key in gone:  # read_state checked that every final names a piece that gave an instance
-        p = earlier_pieces[key.rsplit(":", 1)[0]]
-        gone_boxes.append((p.x0, p.y0, p.x0 + p.w, p.y0 + p.h))
-    gone_boxes = np.array(gone_boxes, np.int64).reshape(-1, 4)
+    # read_state checked that every final names a piece that gave an instance
+    gone_boxes = np.array([earlier_pieces[split_final_key(key)[0]].box for key in gone], np.int64).reshape(-1, 4)
     dirty = np.array([entries[k].new or key not in finals for k, key in zip(stitched, keys)], bool)
     dirty[overlapping_pairs(boxes, gone_boxes)[0]] = True
     i, j = overlapping_pairs(boxes)
@@ -114,7 +110,7 @@ def plan(entries: list[Entry], earlier_pieces: dict[str, PackedPiece], finals: d
     for k, flag in zip(stitched, again.tolist()):
         restitch[k] = flag
     cleared_boxes = [b for key, b in zip(gone, gone_boxes.tolist()) if finals[key]]
-    labels = [int(key.rsplit(":", 1)[1]) for key in gone if finals[key]]
+    labels = [int(split_final_key(key)[1]) for key in gone if finals[key]]
     for k, key, flag in zip(stitched, keys, again.tolist()):
         if flag and finals.get(key):  # re-stitched: its earlier pixels go, its new ones are painted
             cleared_boxes.append(entries[k].box())

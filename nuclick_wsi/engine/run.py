@@ -148,11 +148,10 @@ class PromptRun:
 
     def _can_take(self, store) -> bool:
         """Whether this run may take instances from the earlier run (:mod:`.reuse`): it recorded its
-        final instances and outlines, and the earlier label store's level 0 is intact."""
+        final instances (with their outlines: read_state checks that), and the earlier label store's
+        level 0 is intact."""
         ledger = getattr(store, "ledger", None)
         if not self.earlier_finals or ledger is None or not hasattr(self.strategy, "signature_of"):
-            return False
-        if any(rec and rec[4] not in self.known_outlines for rec in self.earlier_finals.values()):
             return False
         return ledger.earlier_intact()
 
@@ -174,11 +173,7 @@ class PromptRun:
         for prob, items in background(self._predict(s.batches(order, self.timer)), depth=2):
             t = time.perf_counter()
             for k, item in enumerate(items):
-                y = s.flush_y(item)
-                if y is not None:
-                    tw = self.timer.seconds["write"]
-                    stitcher.flush(y)
-                    t += self.timer.seconds["write"] - tw  # flushing is writing, not post-processing
+                t += self._flush(stitcher, s.flush_y(item))
                 piece = self._piece_of(prob, item, k)
                 if piece is not None:
                     self._add(stitcher, piece)
@@ -186,6 +181,15 @@ class PromptRun:
             if progress is not None:
                 progress.update(len(items))
         self._close(stitcher)
+
+    def _flush(self, stitcher: Stitcher, y: float | None) -> float:
+        """Flush the stitcher above ``y`` (None: nothing to flush); the seconds spent writing, which the
+        caller leaves out of its post-processing time."""
+        if y is None:
+            return 0.0
+        tw = self.timer.seconds["write"]
+        stitcher.flush(y)
+        return self.timer.seconds["write"] - tw
 
     def _add(self, stitcher: Stitcher, piece: Piece) -> None:
         if piece.meta.get("sig") is not None:
@@ -226,10 +230,7 @@ class PromptRun:
                               how.clear, self._write_chunk(store))
         stitcher = Stitcher(s.slide.width, s.slide.height, store.chunk, merged, self._retire)
         for e, again in zip(entries, how.restitch):
-            if e.flush_y is not None:
-                tw = self.timer.seconds["write"]
-                stitcher.flush(e.flush_y)
-                t += self.timer.seconds["write"] - tw
+            t += self._flush(stitcher, e.flush_y)
             if e.piece is None:
                 continue
             if not again:

@@ -129,9 +129,10 @@ class ChunkLedger:
         row = self.earlier.table.rows.get(key) if self.earlier is not None else None
         return None if row is None else row[0]
 
-    def _copy(self, key: Key) -> bool:
+    def copy(self, key: Key) -> bool:
         """Copy the earlier file of ``key`` if its bytes are the recorded ones (checked now, or by
-        :meth:`earlier_intact` earlier in this run); True when copied."""
+        :meth:`earlier_intact` earlier in this run); True when copied, False when there is none or it
+        is no longer the recorded file."""
         if self.earlier is None or key not in self.earlier.table.rows:
             return False
         digest, sha = self.earlier.table.rows[key]
@@ -153,11 +154,6 @@ class ChunkLedger:
             self.table.rows[key] = (digest, sha)
             self.copied += 1
         return True
-
-    def copy(self, key: Key) -> bool:
-        """Copy the earlier store's chunk file ``key`` unchanged (its labels are known to be this store's);
-        False when there is none, or it is no longer the recorded file."""
-        return self._copy(key)
 
     def earlier_intact(self, level: int = 0) -> bool:
         """Whether every chunk file of ``level`` the earlier store recorded is still there, with its
@@ -183,7 +179,7 @@ class ChunkLedger:
     def put(self, key: Key, block: np.ndarray, encode: Callable[[], None]) -> None:
         """Store chunk ``key`` holding ``block``: the earlier file if the labels are the same, else ``encode()``."""
         digest = block_digest(block)
-        if block.any() and digest == self._earlier_digest(key) and self._copy(key):
+        if block.any() and digest == self._earlier_digest(key) and self.copy(key):
             return
         encode()
         self._written(key, digest)
@@ -197,7 +193,7 @@ class ChunkLedger:
                     encode: Callable[[np.ndarray], None]) -> None:
         """Store a chunk made from ``sources`` (chunks of the level below): the earlier file, without
         computing it, if they all are unchanged; else ``block_of()``, stored as by :meth:`put`."""
-        if all(self.unchanged(k) for k in sources) and self._copy(key):
+        if all(self.unchanged(k) for k in sources) and self.copy(key):
             return
         block = block_of()
         self.put(key, block, lambda: encode(block))

@@ -61,6 +61,11 @@ class PackedPiece:
                + np.ascontiguousarray(prob, np.float16).tobytes())
         return cls(int(x0), int(y0), int(h), int(w), float(confidence), zlib.compress(raw, 6))
 
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """Level-0 x0, y0, x1, y1 (end exclusive) of the crop."""
+        return self.x0, self.y0, self.x0 + self.w, self.y0 + self.h
+
     def unpack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mask, prob, seed), fresh arrays."""
         n = self.h * self.w
@@ -92,6 +97,12 @@ class RerunState:
 def final_key(signature: str, label: int) -> str:
     """The key of a stitched piece's final instance: its signature and the label it was stitched with."""
     return f"{signature}:{label}"
+
+
+def split_final_key(key: str) -> tuple[str, str]:
+    """(signature, label as written) of a :func:`final_key`."""
+    signature, _, label = key.rpartition(":")
+    return signature, label
 
 
 def sha256(data: bytes) -> str:
@@ -161,28 +172,33 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
             if off < 0 or off + n > len(blob):
                 raise ValueError(f"piece {sig} lies outside pieces.bin")
             pieces[str(sig)] = PackedPiece(int(x0), int(y0), int(h), int(w), float(conf), blob[off:off + n])
-        return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, _outlines(doc["outlines"], lines),
+        outlines = _outlines(doc["outlines"], lines)
+        return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, outlines,
                           ChunkTable.from_json(doc["chunks"]) if "chunks" in doc or doc["format"] != OLDER[0]
                           else ChunkTable(),  # /1: no chunk table (nothing copied), ids and pieces as ever
-                          _finals(doc, pieces) if doc["format"] == FORMAT else {})  # /1, /2: every instance stitched
+                          _finals(doc, pieces, outlines) if doc["format"] == FORMAT else {})  # /1, /2: none taken
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{folder / 'state.json'}: malformed ({exc})") from None
 
 
-def _finals(doc: dict[str, Any], pieces: dict[str, PackedPiece]) -> dict[str, tuple]:
-    """The final instances of ``doc``; each must name a piece of the state that gave an instance."""
+def _finals(doc: dict[str, Any], pieces: dict[str, PackedPiece], outlines: dict[str, bytes]) -> dict[str, tuple]:
+    """The final instances of ``doc``; each must name a piece of the state that gave an instance, and
+    an outline of the state."""
     finals = doc["finals"]
     if finals.get("columns") != ["key", "area_px", "score", "centroid_x", "centroid_y", "outline"]:
         raise ValueError("finals without the expected columns")
     out: dict[str, tuple] = {}
     for row in finals["rows"]:
         key, rest = str(row[0]), row[1:]
-        piece = pieces.get(key.rsplit(":", 1)[0])
-        if piece is None or piece.reason is not None or not key.rsplit(":", 1)[-1].isdigit():
+        signature, label = split_final_key(key)
+        piece = pieces.get(signature)
+        if piece is None or piece.reason is not None or not label.isdigit():
             raise ValueError(f"final instance {key} names no piece of the state")
         if rest and (len(rest) != 5 or not all(isinstance(v, (int, float)) for v in rest[:4])
                      or not isinstance(rest[4], str)):
             raise ValueError(f"final instance {key}: malformed")
+        if rest and rest[4] not in outlines:
+            raise ValueError(f"final instance {key} names no outline of the state")
         out[key] = (float(rest[0]), float(rest[1]), float(rest[2]), float(rest[3]), rest[4]) if rest else ()
     return out
 

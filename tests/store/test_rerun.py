@@ -112,3 +112,8 @@ def test_final_instances_must_name_pieces_that_gave_an_instance(tmp_path):
         sha = write_state(tmp_path, want)
         with pytest.raises(ValueError, match="names no piece"):
             read_state(tmp_path, sha)
+    want = state()
+    want.finals[f"{2:032x}:3"] = (5.0, 0.5, 1.0, 1.0, "7" * 32)  # a piece of the state, an outline it lacks
+    sha = write_state(tmp_path, want)
+    with pytest.raises(ValueError, match="names no outline"):
+        read_state(tmp_path, sha)
