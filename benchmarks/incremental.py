@@ -83,7 +83,6 @@ in-process, loaded machine): the label store's own time per rerun 0.81-0.96 s ->
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -93,6 +92,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from nuclick_wsi.outputs.report import comparable_digests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segment import _cpu, make_slide  # noqa: E402 - the benchmark slide of benchmarks/segment.py
@@ -152,18 +153,6 @@ def cli(slide: Path, points: Path, out: Path, args) -> float:
     return time.perf_counter() - t
 
 
-def digests(out: Path) -> dict[str, str]:
-    """sha256 per output file; the report's without timings, rerun section, device and output paths."""
-    hashes = {}
-    for p in sorted(q for q in out.rglob("*") if q.is_file()):
-        data = p.read_bytes()
-        if p.name.endswith(".report.json"):
-            rep = json.loads(data)
-            for key in ("timings_s", "rerun", "outputs", "device"):
-                rep.pop(key, None)
-            data = json.dumps(rep, sort_keys=True).encode()
-        hashes[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
-    return hashes
 
 
 def one_edit(slide: Path, first: Path, first_out: Path, second: Path, work: Path, args) -> dict:
@@ -177,7 +166,7 @@ def one_edit(slide: Path, first: Path, first_out: Path, second: Path, work: Path
     subprocess.run([sys.executable, "-c", REFERENCE, str(slide), str(second), str(ref), args.precision,
                     str(args.batch_size), args.formats], check=True)
     t_ref = time.perf_counter() - t
-    a, b = digests(out), digests(ref)
+    a, b = comparable_digests(out), comparable_digests(ref)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     rep = json.loads((out / f"{slide.stem}.report.json").read_text())
     warm = work / f"warm-{second.stem}"
@@ -186,7 +175,7 @@ def one_edit(slide: Path, first: Path, first_out: Path, second: Path, work: Path
     got = subprocess.run([sys.executable, "-c", WARM, str(slide), str(first), str(second), str(warm), args.precision,
                           str(args.batch_size), args.formats], check=True, capture_output=True, text=True)
     watched = json.loads(got.stdout.strip().splitlines()[-1])
-    c = digests(warm)
+    c = comparable_digests(warm)
     differ += sorted(f"watch:{k}" for k in set(c) | set(b) if c.get(k) != b.get(k))
     return {"incremental_s": round(t_incr, 2), "watch_rerun_s": round(watched["s"], 2),
             "watch_timings_s": watched["timings_s"], "reference_same_ids_s": round(t_ref, 2),

@@ -5,7 +5,7 @@ the slide, file shuffled); the incremental rerun against a from-scratch run with
 
 Prints the times, how many clicks were reused, recomputed and taken without stitching, and whether
 every output (QuPath, ASAP, GeoParquet, label store with its rerun state, the report without its
-timings) is identical (``benchmarks/incremental.py``'s ``digests``).
+timings) is identical (``nuclick_wsi.outputs.report.comparable_digests``).
 Session 5 (2-core AMD EPYC, AVX512): from scratch 7.07 s, rerun 2.68 s; 1128 reused, 513 recomputed,
 1087 taken (41 reused outlines touch a recomputed one through a chain and were stitched again);
 all 22 files identical.
@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from nuclick_wsi.io.annotations import read_prompts
+from nuclick_wsi.outputs.report import comparable_digests
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from incremental import digests  # noqa: E402 - the same comparison as the synthetic benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDE = ROOT / "examples" / "CMU-1-Small-Region.svs"
@@ -66,7 +64,7 @@ def main() -> None:
     r = segment(SLIDE, second, work / "inc", options=SegmentOptions(**opts), models=models)
     rerun = time.perf_counter() - t
     segment(SLIDE, second, work / "ref", options=SegmentOptions(**opts, recompute=True), models=models)
-    a, b = digests(work / "inc"), digests(work / "ref")
+    a, b = comparable_digests(work / "inc"), comparable_digests(work / "ref")
     print(json.dumps({"from_scratch_s": round(scratch, 2), "rerun_s": round(rerun, 2),
                       "rerun": {k: r.report["rerun"][k] for k in ("reused", "recomputed", "taken", "chunks_copied",
                                                                   "chunks_written")},

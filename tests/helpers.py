@@ -20,6 +20,7 @@ from torch import nn
 
 from nuclick_wsi._util.fs import TMP_MARK
 from nuclick_wsi.model.weights import LoadedModel
+from nuclick_wsi.outputs.report import comparable_digests
 from nuclick_wsi.workflows.qupath_project import safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -486,18 +487,8 @@ def write_clicks_csv(path: Path, clicks) -> Path:
     return path
 
 
-def outputs(out: Path) -> dict[str, str]:
-    """sha256 of every output; the report's without timings, device, rerun section and output paths."""
-    got = {}
-    for p in sorted(q for q in out.rglob("*") if q.is_file()):
-        data = p.read_bytes()
-        if p.name.endswith(".report.json"):
-            rep = json.loads(data)
-            for key in ("timings_s", "device", "rerun", "outputs"):
-                rep.pop(key)
-            data = json.dumps(rep, sort_keys=True).encode()
-        got[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
-    return got
+#: sha256 of every output; the report's without timings, device, rerun section and output paths
+outputs = comparable_digests
 
 
 def ids_by_click(report) -> dict[tuple, tuple]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from nuclick_wsi import __version__
@@ -81,3 +84,24 @@ def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nucle
         rep["timings_s"]["glands_per_s"] = round(n_gl / wall, 2) if wall else None
         rep["squiggles"] = records
     return rep
+
+
+#: report fields that differ between two runs giving the same outputs
+RUN_ONLY_FIELDS = ("timings_s", "device", "rerun", "outputs")
+
+
+def comparable_digests(out_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of every file under ``out_dir`` (by path relative to it), each ``*.report.json`` without
+    :data:`RUN_ONLY_FIELDS`: equal for two runs that wrote the same outputs (say, an incremental rerun
+    and a from-scratch run with the same id table). KeyError for a report lacking one of those fields."""
+    out = Path(out_dir)
+    got = {}
+    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+        data = p.read_bytes()
+        if p.name.endswith(".report.json"):
+            rep = json.loads(data)
+            for key in RUN_ONLY_FIELDS:
+                rep.pop(key)
+            data = json.dumps(rep, sort_keys=True).encode()
+        got[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
+    return got
