@@ -19,11 +19,15 @@ from nuclick_wsi.errors import NuclickError
 @click.option("--arch", type=click.Choice(["s2d-unet", "light-unet", "nuclick"]), default=None,
               help="Default: s2d-unet (nuclei), light-unet (gland).")
 @click.option("--widths", default="16,32,64,128", show_default=True, help="s2d-unet / light-unet encoder widths.")
-@click.option("--loss", type=click.Choice(["calibrated", "nuclick"]), default=None,
+@click.option("--loss", type=click.Choice(["calibrated", "border", "nuclick"]), default=None,
               help="calibrated (default for nuclei): Dice + BCE weighted 1 everywhere and 3 on other nuclei; "
+                   "border: calibrated plus weight 3 on the background within 3 px of the clicked nucleus; "
                    "nuclick (default for glands): the paper's a^2 weight map.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 only where measured faster (as segment chooses).")
+@click.option("--sampler", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where nucleus batches are made: auto = on the GPU when training on CUDA (cutting, rotating and "
+                   "augmenting there; the CPU loop cannot feed a GPU), else on the CPU.")
 @click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--samples-per-epoch", type=click.IntRange(min=1), default=None,
               help="Default: one per clickable object.")
@@ -56,7 +60,7 @@ from nuclick_wsi.errors import NuclickError
 @fail_cleanly
 def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_size, patch_size, lr, mpp, val_tiles,
           exclude, no_binary_masks, max_minutes, device, seed, quiet, loss=None, precision="auto", init=None,
-          slides=(), annotations=(), rois=(), slide_mpp=None) -> None:
+          slides=(), annotations=(), rois=(), slide_mpp=None, sampler="auto") -> None:
     """Train a NuClick model on DATA folders (MoNuSeg layout, label images, GeoJSON outlines).
 
     --task gland: instance label images, one id per gland (GlaS: NAME.bmp + NAME_anno.bmp); squiggles
@@ -77,6 +81,8 @@ def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_siz
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if task == "detect":
+        if sampler == "device":
+            raise NuclickError("--sampler device makes NuClick batches; --task detect has its own sampler")
         if slides:
             raise NuclickError("--task detect learns from DATA folders (images with outlines or QuPath click files); "
                                "--slide/--annotations pairs train the NuClick model")
@@ -90,7 +96,7 @@ def train(data, output, task, arch, widths, epochs, samples_per_epoch, batch_siz
                       batch_size=batch_size, patch_size=patch_size, lr=lr, mpp=mpp, device=device, seed=seed,
                       val=split(val_tiles),
                       exclude=split(exclude), max_minutes=max_minutes, use_binary_masks=not no_binary_masks,
-                      loss=loss, precision=precision, init=init, slides=pairs)
+                      loss=loss, precision=precision, init=init, slides=pairs, sampler=sampler)
     result = run_train(cfg, progress=not quiet, log=log)
     best = result["best_val_iou"]
     click.echo(f"best validation IoU {best:.4f}; weights in {output}" if best >= 0 else f"weights in {output}")

@@ -169,19 +169,27 @@ def make_batch(sampler: PatchSampler, n: int, *, augment: bool = True, click_at_
     return torch.cat([img_o, incl, excl], dim=1), g, g_other
 
 
-def resolution_augment(img: torch.Tensor, rng: np.random.Generator, p: float = 0.3) -> torch.Tensor:
+def _uniform(rng, lo: float, hi: float, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Uniform draws in [lo, hi) on ``device`` from a NumPy generator or a ``torch.Generator`` (device-side sampling)."""
+    if isinstance(rng, torch.Generator):
+        return torch.rand(shape, generator=rng, device=rng.device) * (hi - lo) + lo
+    return torch.from_numpy(rng.uniform(lo, hi, shape)).float().to(device)
+
+
+def resolution_augment(img: torch.Tensor, rng, p: float = 0.3) -> torch.Tensor:
     """Simulate slides scanned at 20x (or 30x) and upsampled to the model's resolution.
 
     A share ``p`` of the batch is downsampled by 2 (or 1.5) with area averaging and brought back with
-    bilinear interpolation, which is what reading a 0.5 um/px slide at 0.25 um/px does.
+    bilinear interpolation, which is what reading a 0.5 um/px slide at 0.25 um/px does. ``rng``: a NumPy
+    generator or a ``torch.Generator`` on the batch's device.
     """
-    pick = np.flatnonzero(rng.random(img.shape[0]) < p)
+    pick = torch.nonzero(_uniform(rng, 0, 1, (img.shape[0],), img.device) < p).flatten()
     if not len(pick):
         return img
     size = img.shape[-2:]
     out = img.clone()
-    for factor in (2.0, 1.5):
-        sel = pick[: len(pick) // 2] if factor == 2.0 else pick[len(pick) // 2:]
+    half = len(pick) // 2
+    for factor, sel in ((2.0, pick[:half]), (1.5, pick[half:])):
         if not len(sel):
             continue
         small = F.interpolate(img[sel], scale_factor=1 / factor, mode="area")
@@ -192,12 +200,15 @@ def resolution_augment(img: torch.Tensor, rng: np.random.Generator, p: float = 0
 _NOISE_BANK: dict[tuple[int, ...], torch.Tensor] = {}
 
 
-def _noise_like(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Unit Gaussian noise shaped like ``img``, drawn from a fixed bank by random flips and offsets.
+def _noise_like(img: torch.Tensor, rng) -> torch.Tensor:
+    """Unit Gaussian noise shaped like ``img``.
 
-    torch's normal sampler costs as much as a forward pass on CPU; a bank of 4 batches rolled at
-    random gives noise that is, for augmentation, as good as fresh.
+    On a device generator, fresh draws. From a NumPy generator (CPU training), drawn from a fixed bank by
+    random flips and offsets: torch's normal sampler costs as much as a forward pass on CPU, and a bank of
+    4 batches rolled at random gives noise that is, for augmentation, as good as fresh.
     """
+    if isinstance(rng, torch.Generator):
+        return torch.randn(img.shape, generator=rng, device=rng.device)
     key = tuple(img.shape[1:])
     if key not in _NOISE_BANK:
         g = torch.Generator().manual_seed(1234)
@@ -205,38 +216,40 @@ def _noise_like(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     bank = _NOISE_BANK[key]
     idx = torch.from_numpy(rng.integers(0, len(bank), img.shape[0]))
     shift = [int(v) for v in rng.integers(0, key[-1], 2)]
-    return torch.roll(bank[idx], shifts=shift, dims=(-2, -1))
+    return torch.roll(bank[idx], shifts=shift, dims=(-2, -1)).to(img.device)
 
 
-def color_augment(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Stain (HED) jitter, brightness, contrast, saturation, hue-like channel mixing, blur/sharpen, noise."""
+def color_augment(img: torch.Tensor, rng) -> torch.Tensor:
+    """Stain (HED) jitter, brightness, contrast, saturation, hue-like channel mixing, blur/sharpen, noise.
+
+    ``rng``: a NumPy generator or a ``torch.Generator`` on the batch's device.
+    """
     n = img.shape[0]
     dev = img.device
+
+    def u(lo: float, hi: float, shape: tuple[int, ...] = (n, 1, 1, 1)) -> torch.Tensor:
+        return _uniform(rng, lo, hi, shape, dev)
+
     # HED jitter in optical density
     hed = torch.from_numpy(_HED).to(dev)
     od = -torch.log((img * 255 + 1) / 256)
     conc = torch.einsum("nchw,dc->ndhw", od, torch.linalg.pinv(hed).T.contiguous())
-    a = torch.from_numpy(rng.uniform(0.75, 1.25, (n, 3, 1, 1))).float()
-    b = torch.from_numpy(rng.uniform(-0.05, 0.05, (n, 3, 1, 1))).float()
-    conc = conc * a + b
+    conc = conc * u(0.75, 1.25, (n, 3, 1, 1)) + u(-0.05, 0.05, (n, 3, 1, 1))
     od2 = torch.einsum("ndhw,dc->nchw", conc, hed)
     img = ((256 * torch.exp(-od2) - 1) / 255).clamp(0, 1)
     # brightness / contrast / saturation
-    br = torch.from_numpy(rng.uniform(-0.1, 0.1, (n, 1, 1, 1))).float()
-    ct = torch.from_numpy(rng.uniform(0.75, 1.3, (n, 1, 1, 1))).float()
+    br, ct = u(-0.1, 0.1), u(0.75, 1.3)
     mean = img.mean(dim=(1, 2, 3), keepdim=True)
     img = (img - mean) * ct + mean + br
     gray = img.mean(dim=1, keepdim=True)
-    sat = torch.from_numpy(rng.uniform(0.7, 1.3, (n, 1, 1, 1))).float()
-    img = gray + (img - gray) * sat
+    img = gray + (img - gray) * u(0.7, 1.3)
     # channel shuffle, rarely (the paper's augmentation; H&E rarely looks like that)
-    for k in np.nonzero(rng.random(n) < 0.05)[0]:
-        img[k] = img[k, torch.from_numpy(rng.permutation(3))]
+    shuffle = u(0, 1, (n, 1)) < 0.05
+    perm = torch.where(shuffle, torch.argsort(u(0, 1, (n, 3)), dim=1), torch.arange(3, device=dev))
+    img = torch.gather(img, 1, perm.view(n, 3, 1, 1).expand_as(img))
     # blur or sharpen
-    kern = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=img.dtype) / 16
+    kern = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=img.dtype, device=dev) / 16
     blurred = F.conv2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), kern.expand(3, 1, 3, 3), groups=3)
-    amt = torch.from_numpy(rng.uniform(-0.8, 0.8, (n, 1, 1, 1))).float()  # <0 sharpen, >0 blur
-    img = img + amt * (blurred - img)
-    noise = torch.from_numpy(rng.uniform(0, 0.03, (n, 1, 1, 1))).float()
-    img = img + _noise_like(img, rng) * noise
+    img = img + u(-0.8, 0.8) * (blurred - img)  # <0 sharpen, >0 blur
+    img = img + _noise_like(img, rng) * u(0, 0.03)
     return img.clamp(0, 1)

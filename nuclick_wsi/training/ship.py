@@ -181,6 +181,9 @@ Published NuClick on MoNuSeg (16 training tiles, full network): AJI 0.834, Dice 
 ## Limits
 - H&E only; trained on 40x TCGA tiles. Slides at other resolutions are resampled to {meta['mpp']} um/px
   (20x slides are upsampled: see the 20x row above).
+- Below the NuClick paper's outline quality on these test tiles. Twice the samples and four times the width,
+  trained on a GPU, gained at most 0.007 AJI and left the size bias as it is (benchmarks/models/README.md):
+  the limit is the 13 outlined training tiles and their annotation style, not compute.
 - Non-commercial use only (data licence).
 """
 

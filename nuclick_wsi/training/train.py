@@ -24,6 +24,9 @@ from nuclick_wsi.training.loss import LOSSES, nuclick_loss
 from nuclick_wsi.training.sampling import PatchSampler, make_batch
 
 
+SAMPLERS = ("auto", "cpu", "device")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in the checkpoint)."""
@@ -53,6 +56,9 @@ class TrainConfig:
     #: warm start: "default" (the embedded model) or a checkpoint path; its architecture, widths and
     #: post-processing are kept
     init: str | None = None
+    #: where nucleus batches are made: "auto" (on the GPU when training on CUDA, else on the CPU), "cpu" (NumPy,
+    #: training/sampling.py) or "device" (tensors on the training device, training/device_sampler.py)
+    sampler: str = "auto"
     #: slides with corrected outlines, read by region: dicts with ``slide``, ``annotations`` and optional ``roi``
     #: (areas) and ``mpp`` (level-0 um/px when the file lacks it); see training/regions.py
     slides: list[dict[str, Any]] = field(default_factory=list)
@@ -70,6 +76,10 @@ class TrainConfig:
             self.loss = "nuclick" if self.task == "gland" else "calibrated"
         if self.loss not in LOSSES:
             raise NuclickError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        if self.sampler not in SAMPLERS:
+            raise NuclickError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if self.sampler == "device" and self.task != "nuclei":
+            raise NuclickError(f"--sampler device makes nucleus batches; --task {self.task} has no device sampler")
 
 
 def load_tiles(data: list[str], *, exclude: list[str] = (), use_binary: bool = True, log=print) -> list[Tile]:
@@ -170,17 +180,53 @@ def _slide_tiles(cfg: TrainConfig, log) -> list[Tile]:
                                  roi=item.get("roi"), slide_mpp=item.get("mpp"), log=log)]
 
 
-def _samplers(cfg: TrainConfig, train_tiles: list[Tile], val_tiles: list[Tile]):
-    """(sampler, validation sampler, batch function, validation function) of the task."""
+def _samplers(cfg: TrainConfig, train_tiles: list[Tile], val_tiles: list[Tile], device: torch.device):
+    """(sampler, validation sampler, batch function, validation function) of the task.
+
+    Validation always draws on the CPU sampler (clicks at centroids, no augmentation), so a checkpoint
+    is judged the same whichever sampler trained it.
+    """
     if cfg.task == "gland":  # squiggles, 512 x 512 patches: training/squiggles.py
         from nuclick_wsi.training.squiggles import GlandSampler, make_gland_batch, validate_glands
 
         return (GlandSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed),
                 GlandSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1) if val_tiles else None,
                 make_gland_batch, validate_glands)
-    return (PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed),
-            PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1) if val_tiles else None, make_batch,
-            validate)
+    val = PatchSampler(val_tiles, patch=cfg.patch_size, seed=cfg.seed + 1) if val_tiles else None
+    if sampler_kind(cfg, device) == "device":
+        from nuclick_wsi.training.device_sampler import DevicePatchSampler
+
+        return (DevicePatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed, device=device), val,
+                lambda s, n: s.batch(n), validate)
+    return PatchSampler(train_tiles, patch=cfg.patch_size, seed=cfg.seed), val, make_batch, validate
+
+
+def sampler_kind(cfg: TrainConfig, device: torch.device) -> str:
+    """"device" or "cpu": where ``cfg`` has its nucleus batches made when training on ``device``.
+
+    ``auto`` picks the device sampler on CUDA, where the NumPy loop and not the network limits the
+    pace; on a CPU the NumPy sampler is the faster (measured in the module docstring of device_sampler).
+    """
+    if cfg.sampler != "auto":
+        return cfg.sampler
+    return "device" if device.type == "cuda" and cfg.task == "nuclei" else "cpu"
+
+
+def _rng_state(sampler):
+    """The sampler's random state: a NumPy bit-generator state, or a device generator's state tensor."""
+    gen = getattr(sampler, "gen", None)
+    return gen.get_state() if gen is not None else sampler.rng.bit_generator.state
+
+
+def _set_rng_state(sampler, state, source: Path) -> None:
+    gen = getattr(sampler, "gen", None)
+    if (gen is not None) != isinstance(state, torch.Tensor):
+        was = "device" if isinstance(state, torch.Tensor) else "cpu"
+        raise NuclickError(f"{source}: this run was trained with the {was} sampler; resume it with --sampler {was}")
+    if gen is not None:
+        gen.set_state(state)
+    else:
+        sampler.rng.bit_generator.state = state
 
 
 def _network(cfg: TrainConfig, log) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
@@ -207,7 +253,7 @@ def resume_state(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[i
     ck = torch.load(last, map_location="cpu", weights_only=False)
     net.load_state_dict(ck["state_dict"])
     opt.load_state_dict(ck["optimizer"])
-    sampler.rng.bit_generator.state = ck["rng"]
+    _set_rng_state(sampler, ck["rng"], last)
     torch.set_rng_state(ck["torch_rng"])
     log(f"resumed from {last} at epoch {ck['epoch']}")
     return ck["epoch"], ck["best"], ck["history"], ck.get("elapsed_s", 0.0), ck["step"]
@@ -218,7 +264,7 @@ def save_state(last: Path, net: torch.nn.Module, arch: str, arch_args: dict[str,
     """Write the resumable state that :func:`resume_state` reads back."""
     save_checkpoint(last, net, arch, arch_args, meta, extra={
         "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "best": best, "history": history,
-        "rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed})
+        "rng": _rng_state(sampler), "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed})
 
 
 def _base_metadata(cfg: TrainConfig, tiles, train_tiles, val_tiles, sampler, val_sampler, choice,
@@ -230,6 +276,7 @@ def _base_metadata(cfg: TrainConfig, tiles, train_tiles, val_tiles, sampler, val
         "training": {
             "config": asdict(cfg),
             "train_tiles": [t.name for t in train_tiles], "val_tiles": [t.name for t in val_tiles],
+            "sampler": sampler_kind(cfg, device) if cfg.task == "nuclei" else "cpu",
             "train_objects": len(sampler), "val_objects": len(val_sampler) if val_sampler else 0,
             "sources": sorted({t.source for t in tiles}),
         },
@@ -298,7 +345,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
     net, arch_args, post0 = _network(cfg, log)
     net = net.to(device).to(memory_format=torch.channels_last)
     tiles, train_tiles, val_tiles = _split_tiles(cfg, log)
-    sampler, val_sampler, batch_fn, val_fn = _samplers(cfg, train_tiles, val_tiles)
+    sampler, val_sampler, batch_fn, val_fn = _samplers(cfg, train_tiles, val_tiles, device)
+    if cfg.task == "nuclei":
+        log(f"sampler: {sampler_kind(cfg, device)}")
     choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(cfg.arch, arch_args))
     dtype = choice.dtype
     log(f"precision: {choice.name} ({choice.reason})")

@@ -1,0 +1,136 @@
+"""The device-side NuClick sampler (training/device_sampler.py): same samples as the CPU one, packed tiles, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from nuclick_wsi.errors import NuclickError
+from nuclick_wsi.io.datasets import Tile
+from nuclick_wsi.model.weights import load_model
+from nuclick_wsi.training.device_sampler import DevicePatchSampler, load_packed, pack_tiles
+from nuclick_wsi.training.sampling import PatchSampler, color_augment, make_batch, resolution_augment
+from nuclick_wsi.training.train import TrainConfig, train
+
+from tests.training.test_train import blob_image, write_dataset
+
+
+def _tiles():
+    out = []
+    for seed, size in ((0, 256), (1, 200)):  # two tile sizes: the smaller one is padded on the device
+        img, labels = blob_image(size, n=14, seed=seed)
+        out.append(Tile(f"t{seed}", img, labels, np.unique(labels)[1:]))
+    return out
+
+
+def test_unaugmented_batches_equal_the_cpu_samplers():
+    """Clicks at centroids, no augmentation: the same pixels, target and other masks as make_batch."""
+    tiles = _tiles()
+    dev, cpu = DevicePatchSampler(tiles, seed=0), PatchSampler(tiles, seed=0)
+    assert len(dev) == len(cpu) == 28
+    items = list(range(len(dev)))
+    x, g, go = dev.batch(items=items, augment=False, click_at_centroid=True)
+    x2, g2, go2 = make_batch(cpu, 0, augment=False, click_at_centroid=True, items=[cpu.index[i] for i in items])
+    assert torch.allclose(x[:, :3], x2[:, :3], atol=1e-4)  # white outside the tile, as the CPU crop fills it
+    assert torch.equal(g, g2) and torch.equal(go, go2) and torch.equal(x[:, 3], x2[:, 3])
+    inner = lambda m: m[(m >= 1).all(axis=1) & (m <= 126).all(axis=1)]  # noqa: E731 (a mark can cross the edge)
+    for k in items:  # exclusion marks: the other centroids' pixels (the CPU sampler may round half a pixel lower)
+        a, b = inner(np.argwhere(x[k, 4].numpy() > 0)), np.argwhere(x2[k, 4].numpy() > 0)
+        assert all(np.abs(b - p).max(axis=1).min() <= 1 for p in a)
+        assert abs(len(a) - len(inner(b))) <= 1
+
+
+def test_augmented_batches_keep_the_click_in_its_nucleus():
+    sampler = DevicePatchSampler(_tiles(), seed=3)
+    x, g, go = sampler.batch(64)
+    assert x.shape == (64, 5, 128, 128) and g.shape == go.shape == (64, 1, 128, 128)
+    assert torch.all(x[:, 3].sum(dim=(1, 2)) == 1) and torch.all(x[:, 3, 64, 64] == 1)
+    assert torch.all(g[:, 0, 64, 64] == 1)  # the click lies in its (rotated, scaled) nucleus
+    assert torch.all((g * go).sum(dim=(1, 2, 3)) == 0)
+    assert 0 <= float(x[:, :3].min()) and float(x[:, :3].max()) <= 1
+    # exclusion marks sit on other nuclei (rotation and zoom move them with the image)
+    on_other = [(go[k, 0].numpy() > 0)[x[k, 4].numpy() > 0] for k in range(64)]
+    marks = np.concatenate(on_other)
+    assert len(marks) > 64 and marks.mean() > 0.95
+    # the transform varies: the same object drawn twice gives different patches
+    a = sampler.batch(items=[0, 0], augment=True)[0]
+    assert not torch.equal(a[0, :3], a[1, :3])
+
+
+def test_exclusion_drop_and_reproducibility():
+    tiles = _tiles()
+    full = DevicePatchSampler(tiles, seed=0, exclusion_drop=0.0).batch(items=list(range(28)), augment=False)[0]
+    dropped = DevicePatchSampler(tiles, seed=0, exclusion_drop=0.5)
+    # no augmentation: nothing dropped (validation sees every other click)
+    assert torch.equal(dropped.batch(items=list(range(28)), augment=False)[0][:, 4], full[:, 4])
+    counts = [float(dropped.batch(items=list(range(28)))[0][:, 4].sum()) for _ in range(4)]
+    assert max(counts) < 0.8 * float(full[:, 4].sum())
+    a = DevicePatchSampler(tiles, seed=7).batch(16)
+    b = DevicePatchSampler(tiles, seed=7).batch(16)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_augmentations_draw_from_a_torch_generator():
+    img = torch.rand(8, 3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    out = color_augment(img, gen)
+    assert out.shape == img.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert not torch.allclose(out, img)
+    res = resolution_augment(img, torch.Generator().manual_seed(1), p=1.0)
+    assert not torch.allclose(res, img) and torch.allclose(res.mean(dim=(2, 3)), img.mean(dim=(2, 3)), atol=0.02)
+    again = color_augment(img, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_pack_round_trip(tmp_path):
+    tiles = _tiles()
+    tiles[0].source, tiles[0].mpp = "a.xml (instances)", 0.2527
+    pack_tiles(tiles, tmp_path / "p.npz")
+    back = load_packed(tmp_path / "p.npz")
+    assert [t.name for t in back] == ["t0", "t1"] and back[0].mpp == 0.2527 and back[1].mpp is None
+    for a, b in zip(tiles, back):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)  # lossless
+        assert np.array_equal(a.targets, b.targets) and a.centroids == b.centroids and a.source == b.source
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises((ValueError, KeyError)):
+        load_packed(tmp_path / "other.npz")
+
+
+def test_train_with_the_device_sampler_learns_and_resumes(tmp_path):
+    """--sampler device on this CPU: the loss falls, validation (CPU sampler) rises, resume continues its stream."""
+    data = write_dataset(tmp_path / "data", n_tiles=3)
+    out = tmp_path / "m.pt"
+    cfg = TrainConfig(data=[str(data)], output=str(out), widths=[8, 16, 32, 64], epochs=3, samples_per_epoch=128,
+                      batch_size=16, lr=3e-3, val=["tile2"], seed=0, sampler="device", precision="fp32")
+    logs = []
+    hist = train(cfg, progress=False, log=logs.append)["history"]
+    assert "sampler: device" in logs
+    assert hist[-1]["train_loss"] < 0.95 * hist[0]["train_loss"]
+    assert hist[-1]["val_iou"] > hist[0]["val_iou"] + 0.2
+    assert load_model(out).metadata["training"]["sampler"] == "device"
+    cfg.epochs = 4
+    assert [h["epoch"] for h in train(cfg, progress=False, log=lambda m: None)["history"]] == [1, 2, 3, 4]
+    cfg.epochs, cfg.sampler = 5, "cpu"
+    with pytest.raises(NuclickError, match="resume it with --sampler device"):
+        train(cfg, progress=False, log=lambda m: None)
+
+
+def test_sampler_choice_is_checked(tmp_path):
+    with pytest.raises(NuclickError, match="unknown sampler"):
+        TrainConfig(data=[], output=str(tmp_path / "m.pt"), sampler="gpu")
+    with pytest.raises(NuclickError, match="device sampler"):
+        TrainConfig(data=[], output=str(tmp_path / "m.pt"), task="gland", sampler="device")
+
+
+def test_click_candidates_keep_away_from_the_edge():
+    tiles = _tiles()
+    sampler = DevicePatchSampler(tiles)
+    for obj in range(len(sampler)):
+        t, oid = int(sampler.obj_tile[obj]), int(sampler.obj_id[obj])
+        s, n = int(sampler.obj_start[obj]), int(sampler.obj_count[obj])
+        rows, cols = sampler.cand[s:s + n].T.numpy()
+        mask = tiles[t].labels == oid
+        dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        assert n > 0 and (dist[rows, cols] > 2).all()
