@@ -40,6 +40,15 @@ class TempInfo:
     host: str | None
 
 
+def user_cache_dir() -> Path:
+    """nuclick-wsi's cache folder: ``$NUCLICK_WSI_CACHE_DIR``, else ``$XDG_CACHE_HOME/nuclick-wsi``, else
+    ``~/.cache/nuclick-wsi`` (probe results, converted models, QC overviews; safe to delete)."""
+    base = os.environ.get("NUCLICK_WSI_CACHE_DIR")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nuclick-wsi"
+
+
 def temp_name(final_name: str) -> str:
     """A temporary name for ``final_name`` owned by this process."""
     return f"{TMP_MARK}{uuid.uuid4().hex[:8]}.{os.getpid()}@{HOST}~{final_name}"

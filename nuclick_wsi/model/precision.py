@@ -81,11 +81,9 @@ def native_bf16(cpu: dict[str, Any]) -> bool:
 
 def cache_path() -> Path:
     """The JSON file holding earlier probe results."""
-    base = os.environ.get("NUCLICK_WSI_CACHE_DIR")
-    if base:
-        return Path(base) / "precision.json"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg or Path.home() / ".cache") / "nuclick-wsi" / "precision.json"
+    from nuclick_wsi._util.fs import user_cache_dir
+
+    return user_cache_dir() / "precision.json"
 
 
 def read_cache(path: Path) -> dict[str, Any]:

@@ -4,12 +4,23 @@ marked by reason, and a density view of where the clicks were.
 Memory stays flat on whole slides: the tissue is one region read at a low-resolution level (the
 reader picks the pyramid level), the outlines come from the label store's pyramid level nearest to
 the overview's scale, never from level 0.
+
+The tissue picture is kept in the user's cache (``overview/`` under ``$NUCLICK_WSI_CACHE_DIR`` or
+``~/.cache/nuclick-wsi``, the newest :data:`CACHE_KEEP`), keyed by the slide file's path, size and
+modification time and the frame it was read in: a rerun's page does not read the slide again
+(seconds on a slide without a pyramid, where every level-0 pixel is read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import math
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,11 +28,15 @@ import zarr
 
 from nuclick_wsi.store.ngff import read_ngff
 
+from nuclick_wsi._util.fs import user_cache_dir
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.io.slides.registry import open_slide
 from nuclick_wsi.qc.data import QcInputs
 
 MAX_SIDE = 1000  #: overview size (px) of the slide's longer side
+CACHE_KEEP = 32  #: cached overviews kept (PNG, at most MAX_SIDE px a side: about 1-2 MB each)
+
+log = logging.getLogger("nuclick_wsi")
 
 
 def open_report_slide(inputs: QcInputs):
@@ -58,6 +73,60 @@ def read_overview(slide, ds: float, ow: int, oh: int, max_read: int = 2048) -> n
             bw, bh = min(step, ow - ox), min(step, oh - oy)
             out[oy:oy + bh, ox:ox + bw] = slide.read_region(ox * ds, oy * ds, bw * ds, bh * ds, bw, bh)
     return out
+
+
+def overview_key(slide, slide_path: str | os.PathLike, ds: float, ow: int, oh: int) -> str | None:
+    """The cache key of a slide's overview: file (path, size, mtime), frame and scale; None for no file."""
+    try:
+        st = os.stat(slide_path)
+    except OSError:
+        return None
+    ident = {"format": 1, "path": str(Path(slide_path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "reader": slide.reader, "size": [slide.width, slide.height], "bounds_offset": list(slide.bounds_offset),
+             "ds": ds, "overview": [ow, oh]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def cached_overview(slide, slide_path: str | os.PathLike, ds: float, ow: int, oh: int) -> np.ndarray:
+    """:func:`read_overview`, through the user's cache (see the module docstring)."""
+    from PIL import Image
+
+    key = overview_key(slide, slide_path, ds, ow, oh)
+    path = user_cache_dir() / "overview" / f"{key}.png"
+    if key is not None and path.exists():
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+            if arr.shape == (oh, ow, 3):
+                os.utime(path)  # the newest are kept
+                return arr
+        except (OSError, ValueError) as exc:
+            log.debug("cached overview %s unreadable (%s): read again", path, exc)
+    arr = read_overview(slide, ds, ow, oh)
+    if key is not None:
+        _cache_overview(path, arr)
+    return arr
+
+
+def _cache_overview(path: Path, arr: np.ndarray) -> None:
+    """Write one overview atomically and keep the newest :data:`CACHE_KEEP`; a cache that cannot be
+    written (read-only home) only costs the next page a slide read."""
+    from PIL import Image
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".overview-", suffix=".png")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(arr).save(f, format="PNG", compress_level=1)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        kept = sorted(path.parent.glob("*.png"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in kept[CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("overview not cached in %s: %s", path.parent, exc)
 
 
 def label_thumbnail(labels_path, ds: float, ow: int, oh: int) -> np.ndarray:
@@ -113,7 +182,7 @@ def overview_figures(inputs: QcInputs, slide) -> dict[str, bytes]:
 
     W, H = inputs.report["slide"]["width"], inputs.report["slide"]["height"]
     ds, ow, oh = overview_scale(W, H)
-    tissue = read_overview(slide, ds, ow, oh)
+    tissue = cached_overview(slide, inputs.slide_path, ds, ow, oh)
     lab = label_thumbnail(inputs.labels_path, ds, ow, oh)
     colours = class_colours(inputs)
     img = paint_overview(tissue, lab, inputs, colours)

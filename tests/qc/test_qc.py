@@ -388,3 +388,59 @@ def test_review_flags_areas_far_from_their_class_median_on_many_outlines(tmp_pat
     # (3600 px^2) is judged against the median of all (the C squares: 900 px^2): 4x
     assert area == {3001, 6103}
     assert "(4x)" in " ".join(found[3001])
+
+
+def test_overview_is_read_once_per_slide_file(planted, tmp_path, monkeypatch):
+    """A rerun's page takes the tissue picture from the cache; a changed slide file or frame is read again."""
+    import os
+
+    import nuclick_wsi.qc.overview as ov
+
+    out, _, _ = planted
+    monkeypatch.setenv("NUCLICK_WSI_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    reads = []
+    real = ov.read_overview
+    monkeypatch.setattr(ov, "read_overview", lambda *a, **k: reads.append(1) or real(*a, **k))
+    write_qc(copy, "planted")
+    first = (copy / "planted.qc.html").read_text(encoding="utf-8")
+    cached = list((tmp_path / "cache" / "overview").glob("*.png"))
+    assert len(reads) == 1 and len(cached) == 1
+    write_qc(copy, "planted")
+    assert len(reads) == 1  # not read again
+    again = (copy / "planted.qc.html").read_text(encoding="utf-8")
+    img = lambda page: page.split('data-qc="overview"')[0].rsplit("<img", 1)[1]  # noqa: E731
+    assert img(again) == img(first)  # the same overview, pixel for pixel (PNG is lossless)
+    slide = Path(json.loads((copy / "planted.report.json").read_text())["slide"]["path"])
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the slide file changed
+    try:
+        write_qc(copy, "planted")
+    finally:
+        os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert len(reads) == 2
+    # a corrupt cache entry is read again, never shown
+    for p in (tmp_path / "cache" / "overview").glob("*.png"):
+        p.write_bytes(b"not a png")
+    write_qc(copy, "planted")
+    assert len(reads) == 3
+    # the newest CACHE_KEEP are kept
+    monkeypatch.setattr(ov, "CACHE_KEEP", 1)
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000))
+    try:
+        write_qc(copy, "planted")
+    finally:
+        os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert len(list((tmp_path / "cache" / "overview").glob("*.png"))) == 1
+
+
+def test_overview_without_a_writable_cache(planted, tmp_path, monkeypatch):
+    out, _, _ = planted
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("NUCLICK_WSI_CACHE_DIR", str(blocker))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    write_qc(copy, "planted")
+    assert (copy / "planted.qc.html").read_text(encoding="utf-8").count('data-qc="overview"') == 1
