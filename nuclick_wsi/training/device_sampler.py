@@ -193,6 +193,8 @@ class DevicePatchSampler:
         dev, p = self.device, self.patch
         if items is None:
             obj = torch.randint(len(self), (n,), generator=self.gen, device=dev)
+        elif isinstance(items, torch.Tensor):  # np.asarray cannot read a CUDA tensor
+            obj = items.to(dev, torch.int64)
         else:
             obj = torch.as_tensor(np.asarray(items), dtype=torch.int64, device=dev)
         n = len(obj)

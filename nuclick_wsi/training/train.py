@@ -224,7 +224,11 @@ def _set_rng_state(sampler, state, source: Path) -> None:
         was = "device" if isinstance(state, torch.Tensor) else "cpu"
         raise NuclickError(f"{source}: this run was trained with the {was} sampler; resume it with --sampler {was}")
     if gen is not None:
-        gen.set_state(state)
+        try:
+            gen.set_state(state)
+        except RuntimeError:  # a CUDA generator's state (16 bytes) does not fit a CPU one (5056) and vice versa
+            raise NuclickError(f"{source}: its device sampler ran on another kind of device than {gen.device.type}; "
+                               "resume it there") from None
     else:
         sampler.rng.bit_generator.state = state
 

@@ -42,6 +42,42 @@ def test_unaugmented_batches_equal_the_cpu_samplers():
         assert abs(len(a) - len(inner(b))) <= 1
 
 
+def test_augmented_geometry_equals_the_cpu_samplers(monkeypatch):
+    """Rotation, zoom and flip drawn alike (colour and resolution jitter off): the same bilinear pixels and
+    nearest labels as make_batch; the unaugmented test samples whole pixels only and cannot see either."""
+    import nuclick_wsi.training.device_sampler as device_module
+    import nuclick_wsi.training.sampling as cpu_module
+
+    for module in (device_module, cpu_module):
+        monkeypatch.setattr(module, "color_augment", lambda img, rng: img)
+        monkeypatch.setattr(module, "resolution_augment", lambda img, rng: img)
+    tiles, n = _tiles(), 28
+    u = np.random.default_rng(5).random((3, n)).astype(np.float32)  # angle, zoom, flip (half of them flipped)
+
+    class Draws:  # make_batch's geometric draws, from the same uniform numbers the device sampler gets
+        def __init__(self):
+            self.uniform_calls = 0
+
+        def uniform(self, a, b, size):
+            self.uniform_calls += 1
+            return a + (b - a) * u[self.uniform_calls - 1].astype(np.float64)
+
+        def random(self, size):
+            return u[2]
+
+    dev, cpu = DevicePatchSampler(tiles, seed=0, exclusion_drop=0.0), PatchSampler(tiles, seed=0, exclusion_drop=0.0)
+    draws = iter(torch.from_numpy(u))
+    monkeypatch.setattr(dev, "_rand", lambda *shape: next(draws))
+    x, g, go = dev.batch(items=list(range(n)), augment=True, click_at_centroid=True)
+    x2, g2, go2 = make_batch(cpu, 0, augment=True, click_at_centroid=True, items=cpu.index, rng=Draws())
+    assert 0 < (u[2] < 0.5).sum() < n and not torch.equal(g, make_batch(cpu, 0, augment=False, click_at_centroid=True,
+                                                                          items=cpu.index)[1])
+    assert torch.allclose(x[:, :3], x2[:, :3], atol=1e-4)
+    assert torch.equal(g, g2) and torch.equal(go, go2)
+    on_other = np.concatenate([(go[k, 0].numpy() > 0)[x[k, 4].numpy() > 0] for k in range(n)])
+    assert len(on_other) > n and on_other.all()  # the inverse map puts every other click on its nucleus
+
+
 def test_augmented_batches_keep_the_click_in_its_nucleus():
     sampler = DevicePatchSampler(_tiles(), seed=3)
     x, g, go = sampler.batch(64)
@@ -55,7 +91,7 @@ def test_augmented_batches_keep_the_click_in_its_nucleus():
     marks = np.concatenate(on_other)
     assert len(marks) > 64 and marks.mean() > 0.95
     # the transform varies: the same object drawn twice gives different patches
-    a = sampler.batch(items=[0, 0], augment=True)[0]
+    a = sampler.batch(items=torch.tensor([0, 0]), augment=True)[0]  # items as a tensor (on the device in training)
     assert not torch.equal(a[0, :3], a[1, :3])
 
 
@@ -114,6 +150,40 @@ def test_train_with_the_device_sampler_learns_and_resumes(tmp_path):
     assert [h["epoch"] for h in train(cfg, progress=False, log=lambda m: None)["history"]] == [1, 2, 3, 4]
     cfg.epochs, cfg.sampler = 5, "cpu"
     with pytest.raises(NuclickError, match="resume it with --sampler device"):
+        train(cfg, progress=False, log=lambda m: None)
+
+
+def test_resumed_device_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Stopped after epoch 1 and resumed: the same weights as a run that never stopped (the device generator's
+    state travels in OUTPUT.last.pt); the test above only counts epochs."""
+    import shutil
+
+    import nuclick_wsi.training.train as train_module
+
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    out = tmp_path / "m.pt"
+    last, snapshot = tmp_path / "m.last.pt", tmp_path / "epoch1.pt"
+    save_state = train_module.save_state
+
+    def keep_epoch1(path, *args, epoch, **kw):
+        save_state(path, *args, epoch=epoch, **kw)
+        if epoch == 1:
+            shutil.copy(path, snapshot)
+
+    monkeypatch.setattr(train_module, "save_state", keep_epoch1)
+    cfg = TrainConfig(data=[str(data)], output=str(out), widths=[8, 16, 32, 64], epochs=2, samples_per_epoch=32,
+                      batch_size=16, val=["none"], seed=0, sampler="device", precision="fp32")
+    train(cfg, progress=False, log=lambda m: None)
+    straight = torch.load(last, weights_only=False)
+    shutil.copy(snapshot, last)
+    train(cfg, progress=False, log=lambda m: None)
+    resumed = torch.load(last, weights_only=False)
+    assert torch.equal(straight["rng"], resumed["rng"])
+    assert all(torch.equal(v, resumed["state_dict"][k]) for k, v in straight["state_dict"].items())
+    ck = torch.load(last, weights_only=False)
+    ck["rng"], cfg.epochs = torch.zeros(16, dtype=torch.uint8), 3  # a CUDA generator's state, resumed on this CPU
+    torch.save(ck, last)
+    with pytest.raises(NuclickError, match="another kind of device than cpu"):
         train(cfg, progress=False, log=lambda m: None)
 
 
