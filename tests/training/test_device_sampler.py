@@ -204,3 +204,24 @@ def test_click_candidates_keep_away_from_the_edge():
         mask = tiles[t].labels == oid
         dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
         assert n > 0 and (dist[rows, cols] > 2).all()
+
+
+def test_border_weights_by_hand():
+    """--loss border: 1 + 2 on other nuclei + 2 on the background within 3 px (a 7x7 square) of the target."""
+    from nuclick_wsi.training.loss import border_weights, nuclick_loss
+
+    g = torch.zeros(1, 1, 16, 16)
+    g[0, 0, 6:9, 6:9] = 1  # 3x3 target
+    go = torch.zeros_like(g)
+    go[0, 0, 6:9, 11:13] = 1  # another nucleus, 2 px to the right of the target's edge
+    w = border_weights(g, go)[0, 0]
+    assert w[7, 7] == 1  # inside the target
+    assert w[7, 9] == 3 and w[3, 3] == 3 and w[11, 11] == 3  # ring: up to 3 px out, square corners included
+    assert w[2, 7] == 1 and w[7, 12] == 3  # 4 px out: plain background; other nucleus: 1 + 2 (not 5)
+    assert w[7, 11] == 3 and float(w.max()) == 3
+    # the ring's weight raises the loss of an outline that spills into it
+    tight = (g * 2 - 1) * 8
+    spill = tight.clone()
+    spill[0, 0, 5:10, 5:10] = 8
+    ratio = lambda x: float(nuclick_loss(x, g, go, "border")) / float(nuclick_loss(x, g, go, "calibrated"))  # noqa: E731
+    assert ratio(spill) > 1.2 and ratio(tight) < 1.05
