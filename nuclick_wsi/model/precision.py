@@ -132,6 +132,27 @@ def probe_speed(net: torch.nn.Module, device: torch.device, dtype: torch.dtype |
     return batch / best
 
 
+def for_training(choice: PrecisionChoice, device: torch.device) -> PrecisionChoice:
+    """The precision to *train* at, from what inference would run: fp16 trains only with loss scaling.
+
+    ``auto`` picks fp16 on CUDA for inference. A GPU with bf16 (Ampere and later) trains in bf16 instead,
+    which needs no loss scaling; an older one keeps fp16, and the training loop scales its loss
+    (:func:`grad_scaler`).
+    """
+    if choice.name == "fp16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return PrecisionChoice("bf16", f"{choice.reason}; trains in bf16 (this GPU has it; fp16 would need loss scaling)")
+    return choice
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None):
+    """A loss scaler for fp16 autocast, whose small gradients underflow without one; None for other precisions."""
+    if dtype is not torch.float16:
+        return None
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")
+
+
 def choose_precision(net: torch.nn.Module, device: torch.device, requested: str = "auto", *,
                      patch_size: int, arch_key: Any = None, in_channels: int = 5,
                      probe: Callable[..., float] = probe_speed, cache: Path | None = None) -> PrecisionChoice:

@@ -26,7 +26,7 @@ from nuclick_wsi import __version__
 from nuclick_wsi.detection.peaks import f1_counts, match_distance, match_inside
 from nuclick_wsi.detection.predict import MIN_DISTANCE_UM, detect_image
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.model.precision import choose_precision
+from nuclick_wsi.model.precision import choose_precision, for_training
 from nuclick_wsi.model.predictor import resolve_device
 from nuclick_wsi.model.weights import build_network, save_checkpoint
 from nuclick_wsi.training.detect_data import DetectionItem, DetectionSampler, load_detection_items
@@ -161,8 +161,8 @@ def train_detector(cfg: DetectConfig, items: list[DetectionItem] | None = None,
         items, val_items = split_items(cfg, log)
     val_items = val_items or []
     sampler = DetectionSampler(items, mpp=cfg.mpp, patch=cfg.patch_size, sigma_um=cfg.sigma_um, seed=cfg.seed)
-    choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(ARCH, arch_args),
-                              in_channels=3)
+    choice = for_training(choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size,
+                                           arch_key=(ARCH, arch_args), in_channels=3), device)
     log(f"precision: {choice.name} ({choice.reason})")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(cfg.samples_per_epoch // cfg.batch_size, 1)

@@ -17,7 +17,7 @@ import torch
 from nuclick_wsi import __version__
 from nuclick_wsi.model.predictor import resolve_device
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.model.precision import choose_precision
+from nuclick_wsi.model.precision import choose_precision, for_training, grad_scaler
 from nuclick_wsi.model.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
 from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
 from nuclick_wsi.training.loss import LOSSES, nuclick_loss
@@ -309,9 +309,11 @@ def optimise(net, opt, next_batch, steps: int, device, dtype, set_lr, gstep: int
     """``steps`` optimiser steps; returns the summed loss and the global step after them.
 
     ``next_batch()`` gives (inputs, loss function of the logits); the forward pass runs under autocast
-    at ``dtype`` (None: fp32), the loss outside it. Shared by the NuClick and the detector loops.
+    at ``dtype`` (None: fp32), the loss outside it; fp16 scales the loss (:func:`grad_scaler`). Shared by
+    the NuClick and the detector loops.
     """
     run_loss = 0.0
+    scaler = grad_scaler(device, dtype)
     for step in range(steps):
         x, loss_of = next_batch()
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -319,9 +321,13 @@ def optimise(net, opt, next_batch, steps: int, device, dtype, set_lr, gstep: int
             logits = net(x)
         loss = loss_of(logits)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         set_lr(gstep, clock())
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
         gstep += 1
         run_loss += loss.item()
         if bar is not None:
@@ -352,7 +358,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> dict[str, An
     sampler, val_sampler, batch_fn, val_fn = _samplers(cfg, train_tiles, val_tiles, device)
     if cfg.task == "nuclei":
         log(f"sampler: {sampler_kind(cfg, device)}")
-    choice = choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size, arch_key=(cfg.arch, arch_args))
+    choice = for_training(choose_precision(net, device, cfg.precision, patch_size=cfg.patch_size,
+                                           arch_key=(cfg.arch, arch_args)), device)
     dtype = choice.dtype
     log(f"precision: {choice.name} ({choice.reason})")
     net.train()

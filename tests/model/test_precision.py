@@ -95,3 +95,40 @@ def test_cpu_description_reports_what_decides():
     d = P.cpu_description()
     assert d["capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(d["avx512_bf16"], bool) and isinstance(d["amx"], bool) and d["threads"] >= 1
+
+
+def test_training_on_a_gpu_with_bf16_trains_in_bf16(monkeypatch):
+    """auto's fp16 on CUDA is for inference: training takes bf16 where the GPU has it, else fp16 with loss scaling."""
+    from nuclick_wsi.model.precision import PrecisionChoice, for_training, grad_scaler
+
+    fp16 = PrecisionChoice("fp16", "CUDA: fp16 autocast")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert for_training(fp16, cuda).name == "bf16" and "loss scaling" in for_training(fp16, cuda).reason
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert for_training(fp16, cuda) is fp16
+    cpu_choice = PrecisionChoice("fp32", "CPU without native bf16")
+    assert for_training(cpu_choice, torch.device("cpu")) is cpu_choice
+    assert grad_scaler(torch.device("cpu"), torch.bfloat16) is None and grad_scaler(torch.device("cpu"), None) is None
+    scaler = grad_scaler(torch.device("cpu"), torch.float16)
+    assert scaler is not None and scaler.get_scale() > 1
+
+
+def test_fp16_training_scales_its_loss_and_learns():
+    """The shared loop trains under fp16 autocast through the loss scaler (a gradient of 1e-8 survives it)."""
+    from nuclick_wsi.training.train import optimise
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(5, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    x = torch.rand(8, 5, 16, 16)
+    target = (x[:, :1] > 0.5).float()
+    batch = lambda: (x, lambda logits: torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target))  # noqa: E731
+    first, _ = optimise(net, opt, batch, 1, torch.device("cpu"), torch.float16, lambda *a: None, 0, lambda: 0.0, None)
+    later, _ = optimise(net, opt, batch, 30, torch.device("cpu"), torch.float16, lambda *a: None, 1, lambda: 0.0, None)
+    assert later / 30 < first and all(torch.isfinite(p).all() for p in net.parameters())
+    # what the scaler is for: a loss this small has gradients below fp16's smallest number
+    tiny = lambda: (x, lambda logits: logits.float().mean() * 1e-8)  # noqa: E731
+    before = [p.detach().clone() for p in net.parameters()]
+    optimise(net, opt, tiny, 1, torch.device("cpu"), torch.float16, lambda *a: None, 0, lambda: 0.0, None)
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
