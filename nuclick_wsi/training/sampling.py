@@ -107,7 +107,7 @@ class PatchSampler:
             imgs[k], labs[k] = self._crop(tile, cy, cx, size)
             ids = np.unique(labs[k])
             rel = [
-                (tile.centroids[i][0] - (cx + 0.5), tile.centroids[i][1] - (cy + 0.5))
+                (tile.centroids[i][0] - cx, tile.centroids[i][1] - cy)  # both in pixel-index coordinates
                 for i in ids if i > 0 and i != oid and int(i) in tile.centroids
             ]
             arr = np.asarray(rel, np.float32).reshape(-1, 2)

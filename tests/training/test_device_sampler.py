@@ -35,11 +35,8 @@ def test_unaugmented_batches_equal_the_cpu_samplers():
     x2, g2, go2 = make_batch(cpu, 0, augment=False, click_at_centroid=True, items=[cpu.index[i] for i in items])
     assert torch.allclose(x[:, :3], x2[:, :3], atol=1e-4)  # white outside the tile, as the CPU crop fills it
     assert torch.equal(g, g2) and torch.equal(go, go2) and torch.equal(x[:, 3], x2[:, 3])
-    inner = lambda m: m[(m >= 1).all(axis=1) & (m <= 126).all(axis=1)]  # noqa: E731 (a mark can cross the edge)
-    for k in items:  # exclusion marks: the other centroids' pixels (the CPU sampler may round half a pixel lower)
-        a, b = inner(np.argwhere(x[k, 4].numpy() > 0)), np.argwhere(x2[k, 4].numpy() > 0)
-        assert all(np.abs(b - p).max(axis=1).min() <= 1 for p in a)
-        assert abs(len(a) - len(inner(b))) <= 1
+    # exclusion marks: the pixel holding each other centroid, the same pixel in both samplers
+    assert torch.equal(x[:, 4], x2[:, 4]) and float(x[:, 4].sum()) > len(items)
 
 
 def test_augmented_geometry_equals_the_cpu_samplers(monkeypatch):
@@ -74,6 +71,7 @@ def test_augmented_geometry_equals_the_cpu_samplers(monkeypatch):
                                                                           items=cpu.index)[1])
     assert torch.allclose(x[:, :3], x2[:, :3], atol=1e-4)
     assert torch.equal(g, g2) and torch.equal(go, go2)
+    assert (x[:, 4] != x2[:, 4]).sum() <= 2  # the same exclusion pixels (a rounding tie may fall either way)
     on_other = np.concatenate([(go[k, 0].numpy() > 0)[x[k, 4].numpy() > 0] for k in range(n)])
     assert len(on_other) > n and on_other.all()  # the inverse map puts every other click on its nucleus
 
