@@ -17,6 +17,11 @@ with a handful of tensor operations:
 
 Tiles can be packed into one ``.npz`` (:func:`pack_tiles`, images as lossless WebP) so a training
 machine needs neither the annotation readers nor the original files.
+
+Measured: on one H200 shared by seven training runs, each drew and trained about 1,400 samples/s
+(batch 256, bf16). On a 2-core CPU this sampler is the slower one (220 ms against the NumPy sampler's
+169 ms per augmented batch of 64 from 8 MoNuSeg tiles), so ``train --sampler auto`` keeps the NumPy
+sampler on a CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ PACK_FORMAT = "nuclick-wsi-tiles/1"
 
 
 def pack_tiles(tiles: list[Tile], path: str | Path) -> None:
-    """Write ``tiles`` (image, labels, targets, centroids, name, source) to one compressed ``.npz``."""
+    """Write ``tiles`` (image, labels, targets, centroids, name, source, um/px) to one compressed ``.npz``.
+
+    ``Tile.valid`` is not kept: NuClick training does not use it.
+    """
     from PIL import Image
 
     arrays: dict[str, np.ndarray] = {"format": np.array(PACK_FORMAT)}
