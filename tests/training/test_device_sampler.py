@@ -223,3 +223,20 @@ def test_border_weights_by_hand():
     spill[0, 0, 5:10, 5:10] = 8
     ratio = lambda x: float(nuclick_loss(x, g, go, "border")) / float(nuclick_loss(x, g, go, "calibrated"))  # noqa: E731
     assert ratio(spill) > 1.2 and ratio(tight) < 1.05
+
+
+def test_cli_sampler_option(tmp_path):
+    """`train --sampler device` reaches the training loop; on --task detect it is a one-line error."""
+    from click.testing import CliRunner
+
+    from nuclick_wsi.cli.main import main
+
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    r = CliRunner().invoke(main, ["train", str(data), "-o", str(tmp_path / "m.pt"), "--sampler", "device", "--epochs",
+                                  "1", "--samples-per-epoch", "16", "--batch-size", "8", "--widths", "8,8,8,8",
+                                  "--val", "tile1", "--device", "cpu", "--precision", "fp32", "-q"])
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "m.pt").metadata["training"]["sampler"] == "device"
+    r = CliRunner().invoke(main, ["train", str(data), "-o", str(tmp_path / "d.pt"), "--task", "detect",
+                                  "--sampler", "device"])
+    assert r.exit_code == 1 and "--task detect has its own sampler" in r.output
