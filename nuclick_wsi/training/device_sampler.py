@@ -35,7 +35,7 @@ import torch
 from scipy import ndimage as ndi
 
 from nuclick_wsi.io.datasets import Tile
-from nuclick_wsi.training.sampling import color_augment, resolution_augment
+from nuclick_wsi.training.sampling import centroid_click, click_candidates, color_augment, resolution_augment
 
 PACK_FORMAT = "nuclick-wsi-tiles/1"
 
@@ -89,27 +89,6 @@ def _decode_webp(data: np.ndarray) -> np.ndarray:
     import cv2
 
     return np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
-
-
-def click_candidates(mask: np.ndarray, min_dist: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of the pixels of ``mask`` farther than ``min_dist`` from the background.
-
-    The innermost pixels when the object is too thin for that margin (training/sampling.sample_click's rule).
-    """
-    dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    ok = dist > min_dist
-    if not ok.any():
-        ok = dist >= dist.max()
-    return np.nonzero(ok)
-
-
-def centroid_click(mask: np.ndarray) -> tuple[int, int]:
-    """The pixel at the object's centroid, or its innermost pixel when the centroid falls outside it."""
-    r, c = (int(v) for v in ndi.center_of_mass(mask))
-    if not mask[r, c]:
-        d = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-        r, c = (int(v) for v in np.unravel_index(np.argmax(d), d.shape))
-    return r, c
 
 
 class DevicePatchSampler:

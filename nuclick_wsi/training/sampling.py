@@ -22,18 +22,32 @@ _HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np
 _HED /= np.linalg.norm(_HED, axis=1, keepdims=True)
 
 
-def sample_click(mask: np.ndarray, rng: np.random.Generator, min_dist: float = 2.0) -> tuple[int, int]:
-    """A random pixel (row, col) of ``mask`` whose distance to the background is > ``min_dist``.
+def click_candidates(mask: np.ndarray, min_dist: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the pixels of ``mask`` farther than ``min_dist`` from the background.
 
-    Falls back to the innermost pixels when the object is too thin for that margin.
+    The innermost pixels when the object is too thin for that margin.
     """
     dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     ok = dist > min_dist
     if not ok.any():
         ok = dist >= dist.max()
-    rr, cc = np.nonzero(ok)
+    return np.nonzero(ok)
+
+
+def sample_click(mask: np.ndarray, rng: np.random.Generator, min_dist: float = 2.0) -> tuple[int, int]:
+    """A random pixel (row, col) among :func:`click_candidates`."""
+    rr, cc = click_candidates(mask, min_dist)
     k = rng.integers(len(rr))
     return int(rr[k]), int(cc[k])
+
+
+def centroid_click(mask: np.ndarray) -> tuple[int, int]:
+    """The pixel at the object's centroid, or its innermost pixel when the centroid falls outside it."""
+    r, c = (int(v) for v in ndi.center_of_mass(mask))
+    if not mask[r, c]:
+        d = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        r, c = (int(v) for v in np.unravel_index(np.argmax(d), d.shape))
+    return r, c
 
 
 class PatchSampler:
@@ -96,11 +110,7 @@ class PatchSampler:
             sl = self._objects[t][oid - 1]
             mask = tile.labels[sl] == oid
             if click_at_centroid:
-                cyx = ndi.center_of_mass(mask)
-                r, c = int(cyx[0]), int(cyx[1])
-                if not mask[r, c]:
-                    d = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-                    r, c = np.unravel_index(np.argmax(d), d.shape)
+                r, c = centroid_click(mask)
             else:
                 r, c = sample_click(mask, self.rng)
             cy, cx = sl[0].start + r, sl[1].start + c
