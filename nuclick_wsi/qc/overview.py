@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,8 @@ import zarr
 
 from nuclick_wsi.store.ngff import read_ngff
 
-from nuclick_wsi._util.fs import user_cache_dir
-from nuclick_wsi.errors import NuclickError
+from nuclick_wsi._util.fs import atomic_output, parse_temporary, user_cache_dir
+from nuclick_wsi.errors import NuclickError, OutputError
 from nuclick_wsi.io.slides.registry import open_slide
 from nuclick_wsi.qc.data import QcInputs
 
@@ -114,18 +113,12 @@ def _cache_overview(path: Path, arr: np.ndarray) -> None:
     from PIL import Image
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".overview-", suffix=".png")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(arr).save(f, format="PNG", compress_level=1)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        kept = sorted(path.parent.glob("*.png"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        for old in kept[CACHE_KEEP:]:
+        with atomic_output(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
+        done = [p for p in path.parent.glob("*.png") if parse_temporary(p.name) is None]  # not others' writes
+        for old in sorted(done, key=lambda p: p.stat().st_mtime_ns, reverse=True)[CACHE_KEEP:]:
             old.unlink(missing_ok=True)
-    except OSError as exc:
+    except (OSError, OutputError) as exc:
         log.debug("overview not cached in %s: %s", path.parent, exc)
 
 
