@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from nuclick_wsi._util.fs import user_cache_dir
 from nuclick_wsi.errors import NuclickError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -81,8 +82,6 @@ def native_bf16(cpu: dict[str, Any]) -> bool:
 
 def cache_path() -> Path:
     """The JSON file holding earlier probe results."""
-    from nuclick_wsi._util.fs import user_cache_dir
-
     return user_cache_dir() / "precision.json"
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nuclick_wsi._util.fs import user_cache_dir
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.model.weights import weights_sha256
 from nuclick_wsi.model.precision import (MIN_GAIN, PrecisionChoice, cache_path, cpu_description, read_cache,
@@ -71,7 +72,7 @@ class OpenVinoNet:
             raise NuclickError(f"OpenVINO runs fp32 or bf16, not {precision!r}")
         shape = [-1, in_channels, patch_size, patch_size]
         key = hashlib.sha256(json.dumps([weights_sha256(net), shape, ov.__version__]).encode()).hexdigest()[:24]
-        folder = cache_dir or cache_path().parent / "openvino"
+        folder = cache_dir or user_cache_dir() / "openvino"
         xml = folder / f"{key}.xml"
         core = ov.Core()
         if xml.exists() and xml.with_suffix(".bin").exists():
