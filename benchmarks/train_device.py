@@ -18,52 +18,24 @@ time budget, bf16 autocast on CUDA, fp32 elsewhere.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nuclick_wsi import __version__  # noqa: E402
 from nuclick_wsi.model.weights import POSTPROCESS_DEFAULTS, build_network, save_checkpoint  # noqa: E402
-from nuclick_wsi.postprocess.threshold import PostParams, instance_from_probability  # noqa: E402
 from nuclick_wsi.training.device_sampler import DevicePatchSampler, load_packed, pack_tiles  # noqa: E402
 from nuclick_wsi.training.loss import nuclick_loss  # noqa: E402
+from nuclick_wsi.training.sampling import PatchSampler  # noqa: E402
+from nuclick_wsi.training.train import TrainConfig, load_tiles, lr_schedule, validate  # noqa: E402
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-@torch.no_grad()
-def validate(net, sampler: DevicePatchSampler, dtype, batch: int = 256) -> dict:
-    """Mean IoU of the 4-connected component holding a centroid click, per threshold (as segment cuts it)."""
-    net.eval()
-    ious = {t: [] for t in THRESHOLDS}
-    p = sampler.patch
-    for s in range(0, len(sampler), batch):
-        items = np.arange(s, min(s + batch, len(sampler)))
-        x, g, _ = sampler.batch(items=items, augment=False, click_at_centroid=True)
-        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = net(x.contiguous(memory_format=torch.channels_last))
-        prob = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
-        gt = g[:, 0].cpu().numpy() > 0
-        for k in range(len(prob)):
-            for t in THRESHOLDS:
-                crop, where = instance_from_probability(prob[k], (p // 2, p // 2), PostParams(t, 0, 0))
-                m = np.zeros_like(gt[k])
-                if crop is not None:
-                    m[where[0]:where[0] + crop.shape[0], where[1]:where[1] + crop.shape[1]] = crop
-                union = (m | gt[k]).sum()
-                ious[t].append((m & gt[k]).sum() / union if union else 1.0)
-    net.train()
-    mean = {t: float(np.mean(v)) for t, v in ious.items()}
-    best = max(mean, key=lambda t: (mean[t], -abs(t - 0.5)))
-    return {"iou": mean[best], "threshold": best, "iou_by_threshold": {str(t): round(v, 4) for t, v in mean.items()}}
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  #: validation cuts (train.validate keeps the best)
 
 
 def main(argv=None) -> None:
@@ -88,8 +60,6 @@ def main(argv=None) -> None:
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
     a = ap.parse_args(argv)
     if a.pack:
-        from nuclick_wsi.training.train import load_tiles
-
         tiles = load_tiles([a.pack[0]])
         pack_tiles(tiles, a.pack[1])
         print(f"packed {len(tiles)} tiles into {a.pack[1]} ({os.path.getsize(a.pack[1]) / 1e6:.1f} MB)")
@@ -107,7 +77,7 @@ def main(argv=None) -> None:
     if val_names - {t.name for t in val_tiles}:
         raise SystemExit(f"validation tiles not found: {sorted(val_names - {t.name for t in val_tiles})}")
     sampler = DevicePatchSampler(train_tiles, seed=a.seed, device=dev)
-    val_sampler = DevicePatchSampler(val_tiles, seed=a.seed + 1, device=dev) if val_tiles else None
+    val_sampler = PatchSampler(val_tiles, seed=a.seed + 1) if val_tiles else None  # validation as train() does it
     log(f"{len(train_tiles)} training tiles ({len(sampler)} objects), {len(val_tiles)} validation tiles "
         f"({len(val_sampler) if val_sampler else 0} objects); loaded in {time.time() - t_load:.1f} s on {dev}")
     arch_args = {"widths": [int(w) for w in a.widths.split(",")]}
@@ -127,8 +97,10 @@ def main(argv=None) -> None:
                          "train_tiles": [t.name for t in train_tiles], "val_tiles": [t.name for t in val_tiles],
                          "excluded_tiles": sorted(exclude), "train_objects": len(sampler),
                          "sources": sorted({t.source.split(" (")[-1].rstrip(")") for t in tiles})}}
+    # warm-up, then cosine to 2 % over the time budget (train's schedule; time, not steps, decides here)
+    set_lr = lr_schedule(TrainConfig(data=[], output=str(out / f"{a.name}.pt"), lr=a.lr, max_minutes=a.minutes),
+                         opt, sys.maxsize)
     history, best, step, seen = [], -1.0, 0, 0
-    warm = 200
     t0 = time.time()
     next_val = a.val_every
     run_loss, n_loss = 0.0, 0
@@ -137,7 +109,7 @@ def main(argv=None) -> None:
         done = elapsed >= budget or (a.max_steps and step >= a.max_steps)
         if elapsed >= next_val or done:
             next_val += a.val_every
-            vm = validate(net, val_sampler, dtype) if val_sampler else {}
+            vm = validate(net, val_sampler, dev, 256, THRESHOLDS, dtype=dtype, loss_kind=a.loss) if val_sampler else {}
             rec = {"step": step, "samples": seen, "elapsed_s": round(elapsed, 1),
                    "train_loss": round(run_loss / max(n_loss, 1), 4), **vm}
             history.append(rec)
@@ -159,10 +131,7 @@ def main(argv=None) -> None:
         loss = nuclick_loss(logits, g, go, a.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        p = min((time.time() - t0) / budget, 1.0)
-        factor = min(1.0, (step + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
-        for group in opt.param_groups:
-            group["lr"] = a.lr * factor
+        set_lr(step, time.time() - t0)
         opt.step()
         step += 1
         seen += len(x)
