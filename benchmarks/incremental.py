@@ -74,6 +74,16 @@ stitching the reused pieces and writing. **The 10 % target is missed on this CPU
 local edits with ``--watch``, 0.23-0.26 through the CLI. The share falls where the network's time
 dominates (a slower CPU, more clicks) and grows with faster inference (bf16, a GPU).
 
+Session 7 (same CPU type, nothing else running; ``--spacing 46 --edits local,spread``), unchanged code,
+every rerun the reference's bytes (92 files)::
+
+    46 px         local    284 / 5017  4733   22.5 s        4.97 s (0.22)  1.94 s (0.086)
+    46 px         spread   656 / 5017  4361   22.5 s        6.98 s (0.31)  4.32 s (0.19)
+
+The spread rerun's inference alone (the 656 clicks the recompute rule names) took 2.45 s, 0.109 of
+from scratch; a new process spends ~2.2 s outside the pipeline (``import torch`` 1.04 s, the
+package's other imports 0.57 s, OpenVINO 0.14 s, then loading and compiling the model).
+
 Earlier (session 3, same CPU type, load 3-5 from trainings, CLI only, before chunk copies):
 22 px spread 2188 recomputed, ratio 0.47; 22 px local 360, 0.11-0.21; 60 px spread 566, 0.15-0.21;
 60 px local 270, 0.17-0.18; 120 px spread 234, 0.17. Chunk copies alone (helper's measurement,
