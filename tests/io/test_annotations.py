@@ -227,6 +227,12 @@ def test_qupath_broken_json_names_line(tmp_path):
         ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": ["a", 2]}}', "feature 0.*coordinate"),
         ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}}', "feature 0"),
         ('["x"]', "feature 0"),
+        # a line of one point (hand-written or another tool's GeoJSON): one line naming the feature, no GEOS traceback
+        ('{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[1, 2]]}}', "feature 0.*2 or more"),
+        ('[{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}, {"type": "Feature", "geometry": '
+         '{"type": "MultiLineString", "coordinates": [[[0, 0], [1, 1]], [[1, 2]]]}}]', "feature 1.*2 or more"),
+        ('{"type": "Feature", "geometry": {"type": "MultiLineString", "coordinates": [[], [[0, 0], [1, 1]]]}}',
+         "feature 0.*2 or more"),
     ],
 )
 def test_qupath_malformed(tmp_path, content, message):

@@ -238,16 +238,22 @@ def parse_geometry(geom: Any, label: str, where: str) -> Any:
                 raise AnnotationError(f"{where}: {label}: a Polygon ring needs 3 or more points")
         return Polygon(parts[0], parts[1:])
 
+    def line(value: Any) -> LineString:
+        pts = _points(value, label, where)
+        if len(pts) < 2:  # GEOS refuses a line of one point, or an empty part of a MultiLineString
+            raise AnnotationError(f"{where}: {label}: a line needs 2 or more points")
+        return LineString(pts)
+
     if kind == "Point":
         return Point(_point(coords, label, where))
     if kind == "MultiPoint":
         return MultiPoint(_points(coords, label, where))
     if kind == "LineString":
-        return LineString(_points(coords, label, where)) if coords else LineString()
+        return line(coords) if coords else LineString()
     if kind == "MultiLineString":
         if not isinstance(coords, list):
             raise AnnotationError(f"{where}: {label}: coordinates are not a list")
-        return MultiLineString([_points(c, label, where) for c in coords])
+        return MultiLineString([line(c) for c in coords])
     if kind == "Polygon":
         return polygon(coords)
     if kind == "MultiPolygon":
