@@ -233,6 +233,9 @@ def test_qupath_broken_json_names_line(tmp_path):
          '{"type": "MultiLineString", "coordinates": [[[0, 0], [1, 1]], [[1, 2]]]}}]', "feature 1.*2 or more"),
         ('{"type": "Feature", "geometry": {"type": "MultiLineString", "coordinates": [[], [[0, 0], [1, 1]]]}}',
          "feature 0.*2 or more"),
+        # an integer beyond float range (JSON allows any length): not an OverflowError traceback
+        ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1' + "0" * 400 + ', 2]}}',
+         "feature 0.*bad coordinate"),
     ],
 )
 def test_qupath_malformed(tmp_path, content, message):

@@ -199,10 +199,13 @@ def _point(value: Any, label: str, where: str) -> tuple[float, float]:
         isinstance(value, (list, tuple))
         and len(value) >= 2
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[:2])
-        and math.isfinite(value[0])
-        and math.isfinite(value[1])
     ):
-        return float(value[0]), float(value[1])
+        try:  # a JSON integer may exceed float range
+            x, y = float(value[0]), float(value[1])
+        except OverflowError:
+            x = y = math.nan
+        if math.isfinite(x) and math.isfinite(y):
+            return x, y
     raise AnnotationError(f"{where}: {label}: bad coordinate {json.dumps(value)[:60]}")
 
 
