@@ -483,6 +483,23 @@ def test_csv_errors(tmp_path, text, message):
         read_prompts(path)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("kind", ["geojson", "asap", "csv"])
+def test_utf16_text_with_bom(tmp_path, kind, encoding):
+    """Windows tools (Notepad's "Unicode", PowerShell 5 redirection) write UTF-16 with a byte-order mark:
+    the same clicks as the UTF-8 file, not a "binary content" error."""
+    text = {"geojson": json.dumps(collection(point(12.5, 7.25, classification={"name": "Tumeur épithéliale"}))),
+            "asap": ASAP_XML.replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="UTF-16"?>'),
+            "csv": "x,y,class\n12.5,7.25,Tumeur épithéliale\n"}[kind]
+    plain, wide = tmp_path / f"a8.{kind}", tmp_path / f"a16.{kind}"
+    plain.write_text(text.replace('encoding="UTF-16"', 'encoding="UTF-8"'), encoding="utf-8")
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}.get(encoding, b"")
+    wide.write_bytes(bom + text.encode(encoding))
+    got, want = read_prompts(wide), read_prompts(plain)
+    assert got.format == want.format and len(got.clicks) >= 1
+    assert [(c.x, c.y, c.class_name) for c in got.clicks] == [(c.x, c.y, c.class_name) for c in want.clicks]
+
+
 def test_detect_format(tmp_path):
     (tmp_path / "a.txt").write_text(json.dumps(point(1, 1)))
     (tmp_path / "b.dat").write_text(ASAP_XML)
