@@ -146,6 +146,27 @@ def test_qupath_object_type_aliases(tmp_path):
     assert any(s.startswith("feature 5") and "cell" in s for s in prompts.skipped)
 
 
+def test_qupath_child_objects_are_read(tmp_path):
+    """QuPath writes a hierarchy (FeatureCollection.wrap(objects, true), hierarchy JSON) with each object's
+    children nested in its properties, as "childObjects" (read also as "children"); QuPath imports them all.
+    Points nested under an area annotation are clicks, not silently dropped."""
+    area = feature({"type": "Polygon", "coordinates": [square(0, 0, 100)]}, objectType="annotation")
+    inner = point(30, 30, objectType="annotation", classification={"name": "Tumor", "color": [255, 0, 0]},
+                  childObjects=[point(40, 40)])
+    area["properties"]["childObjects"] = [point(10, 10), inner]
+    legacy = point(60, 60, children=[point(70, 70)])
+    path = write_json(tmp_path / "tree.geojson", collection(area, legacy, point(90, 90)))
+    prompts = read_prompts(path)
+    assert [(c.x, c.y) for c in prompts.clicks] == [(10, 10), (30, 30), (40, 40), (60, 60), (70, 70), (90, 90)]
+    assert [c.source for c in prompts.clicks] == ["feature 0, child 0", "feature 0, child 1",
+                                                  "feature 0, child 1, child 0", "feature 1", "feature 1, child 0",
+                                                  "feature 2"]
+    assert prompts.clicks[1].class_name == "Tumor" and len(prompts.regions) == 1
+    bad = collection(point(1, 1, childObjects=["x"]))
+    with pytest.raises(AnnotationError, match=r"bad\.geojson: feature 0, child 0 is not a JSON object"):
+        read_prompts(write_json(tmp_path / "bad.geojson", bad))
+
+
 def test_qupath_names_classification_and_legacy_colors(tmp_path):
     path = write_json(
         tmp_path / "a.geojson",

@@ -122,6 +122,26 @@ def features_of(obj: Any, where: str) -> list[dict]:
     return features
 
 
+def labelled_features(obj: Any, where: str) -> Iterator[tuple[str, dict]]:
+    """Every Feature with its label, depth first: "feature 3", and the child objects QuPath nests in a
+    feature's properties when it writes a hierarchy ("childObjects", read also as "children", as QuPath
+    does): "feature 3, child 0"."""
+    stack = [(f"feature {i}", f) for i, f in enumerate(features_of(obj, where))][::-1]
+    while stack:  # a loop, not recursion: nesting depth is the file's to choose
+        label, feature = stack.pop()
+        yield label, feature
+        props = feature.get("properties")
+        if not isinstance(props, dict):
+            continue
+        children = props.get("childObjects" if "childObjects" in props else "children")
+        if not isinstance(children, list):
+            continue
+        for k in reversed(range(len(children))):
+            if not isinstance(children[k], dict):
+                raise AnnotationError(f"{where}: {label}, child {k} is not a JSON object")
+            stack.append((f"{label}, child {k}", children[k]))
+
+
 def object_type_of(feature: dict) -> str:
     """QuPath's object type of a Feature: objectType, object_type, then type; default annotation."""
     props = feature.get("properties") or {}
@@ -285,11 +305,10 @@ def prompts_from_geojson(obj: Any, where: str) -> Prompts:
     Point / MultiPoint -> one click per point, in file order; LineString / MultiLineString ->
     squiggles; Polygon / MultiPolygon annotations -> ``regions`` (and a ``skipped`` line);
     polygons of detections and cells, and empty geometries, are skipped. ``source`` names the
-    feature by its 0-based position in the file ("feature 3").
+    feature by its 0-based position in the file ("feature 3"; a nested child object: "feature 3, child 0").
     """
     prompts = Prompts(format="qupath")
-    for i, feature in enumerate(features_of(obj, where)):
-        label = f"feature {i}"
+    for label, feature in labelled_features(obj, where):
         geom_json = feature.get("geometry")
         if geom_json is None:
             prompts.skipped.append(f"{label}: no geometry")
