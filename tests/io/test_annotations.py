@@ -146,6 +146,27 @@ def test_qupath_object_type_aliases(tmp_path):
     assert any(s.startswith("feature 5") and "cell" in s for s in prompts.skipped)
 
 
+def test_qupath_child_objects_are_read(tmp_path):
+    """QuPath writes a hierarchy (FeatureCollection.wrap(objects, true), hierarchy JSON) with each object's
+    children nested in its properties, as "childObjects" (read also as "children"); QuPath imports them all.
+    Points nested under an area annotation are clicks, not silently dropped."""
+    area = feature({"type": "Polygon", "coordinates": [square(0, 0, 100)]}, objectType="annotation")
+    inner = point(30, 30, objectType="annotation", classification={"name": "Tumor", "color": [255, 0, 0]},
+                  childObjects=[point(40, 40)])
+    area["properties"]["childObjects"] = [point(10, 10), inner]
+    legacy = point(60, 60, children=[point(70, 70)])
+    path = write_json(tmp_path / "tree.geojson", collection(area, legacy, point(90, 90)))
+    prompts = read_prompts(path)
+    assert [(c.x, c.y) for c in prompts.clicks] == [(10, 10), (30, 30), (40, 40), (60, 60), (70, 70), (90, 90)]
+    assert [c.source for c in prompts.clicks] == ["feature 0, child 0", "feature 0, child 1",
+                                                  "feature 0, child 1, child 0", "feature 1", "feature 1, child 0",
+                                                  "feature 2"]
+    assert prompts.clicks[1].class_name == "Tumor" and len(prompts.regions) == 1
+    bad = collection(point(1, 1, childObjects=["x"]))
+    with pytest.raises(AnnotationError, match=r"bad\.geojson: feature 0, child 0 is not a JSON object"):
+        read_prompts(write_json(tmp_path / "bad.geojson", bad))
+
+
 def test_qupath_names_classification_and_legacy_colors(tmp_path):
     path = write_json(
         tmp_path / "a.geojson",
@@ -227,6 +248,15 @@ def test_qupath_broken_json_names_line(tmp_path):
         ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": ["a", 2]}}', "feature 0.*coordinate"),
         ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}}', "feature 0"),
         ('["x"]', "feature 0"),
+        # a line of one point (hand-written or another tool's GeoJSON): one line naming the feature, no GEOS traceback
+        ('{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[1, 2]]}}', "feature 0.*2 or more"),
+        ('[{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}, {"type": "Feature", "geometry": '
+         '{"type": "MultiLineString", "coordinates": [[[0, 0], [1, 1]], [[1, 2]]]}}]', "feature 1.*2 or more"),
+        ('{"type": "Feature", "geometry": {"type": "MultiLineString", "coordinates": [[], [[0, 0], [1, 1]]]}}',
+         "feature 0.*2 or more"),
+        # an integer beyond float range (JSON allows any length): not an OverflowError traceback
+        ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1' + "0" * 400 + ', 2]}}',
+         "feature 0.*bad coordinate"),
     ],
 )
 def test_qupath_malformed(tmp_path, content, message):
@@ -472,6 +502,23 @@ def test_csv_errors(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(AnnotationError, match=rf"bad\.csv.*{message}"):
         read_prompts(path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("kind", ["geojson", "asap", "csv"])
+def test_utf16_text_with_bom(tmp_path, kind, encoding):
+    """Windows tools (Notepad's "Unicode", PowerShell 5 redirection) write UTF-16 with a byte-order mark:
+    the same clicks as the UTF-8 file, not a "binary content" error."""
+    text = {"geojson": json.dumps(collection(point(12.5, 7.25, classification={"name": "Tumeur épithéliale"}))),
+            "asap": ASAP_XML.replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="UTF-16"?>'),
+            "csv": "x,y,class\n12.5,7.25,Tumeur épithéliale\n"}[kind]
+    plain, wide = tmp_path / f"a8.{kind}", tmp_path / f"a16.{kind}"
+    plain.write_text(text.replace('encoding="UTF-16"', 'encoding="UTF-8"'), encoding="utf-8")
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}.get(encoding, b"")
+    wide.write_bytes(bom + text.encode(encoding))
+    got, want = read_prompts(wide), read_prompts(plain)
+    assert got.format == want.format and len(got.clicks) >= 1
+    assert [(c.x, c.y, c.class_name) for c in got.clicks] == [(c.x, c.y, c.class_name) for c in want.clicks]
 
 
 def test_detect_format(tmp_path):

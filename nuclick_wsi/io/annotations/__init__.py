@@ -14,7 +14,8 @@ from nuclick_wsi.errors import AnnotationError
 from nuclick_wsi.records import Prompts
 from nuclick_wsi.io.annotations import asap, imagescope, qupath
 from nuclick_wsi.io.annotations import csv as csv_clicks
-from nuclick_wsi.io.annotations._common import GEOJSON_SUFFIXES, GZIP_MAGIC, ZIP_MAGIC, check_exists, default_color, parse_xml, read_head
+from nuclick_wsi.io.annotations._common import (GEOJSON_SUFFIXES, GZIP_MAGIC, UTF16_BOMS, ZIP_MAGIC, check_exists,
+                                                default_color, parse_xml, read_head)
 from nuclick_wsi.io.annotations.asap import read_asap_polygons, write_asap
 from nuclick_wsi.io.annotations.geoparquet import write_geoparquet
 from nuclick_wsi.io.annotations.imagescope import read_imagescope_polygons
@@ -42,7 +43,7 @@ _XML_SKIP = re.compile(rb"<\?.*?\?>|<!--.*?-->|<!DOCTYPE(?:[^\[>]|\[.*?\])*>", r
 def detect_format(path: str | os.PathLike) -> str:
     """Recognise an annotation file from its content.
 
-    Gzip and zip (magic bytes), text starting with ``{`` or ``[`` and a ``.geojson`` / ``.json``
+    Gzip and zip (magic bytes), text (UTF-8, Latin-1 or UTF-16 with a BOM) starting with ``{`` or ``[`` and a ``.geojson`` / ``.json``
     holding one JSON number, string or literal are QuPath GeoJSON; text
     starting with ``<`` is XML, told apart by its root element (``ASAP_Annotations`` -> "asap",
     ``Annotations`` -> "imagescope"); anything else is CSV.
@@ -61,6 +62,8 @@ def detect_format(path: str | os.PathLike) -> str:
     head = read_head(path)
     if head[:2] == GZIP_MAGIC or head[:4] == ZIP_MAGIC:
         return "qupath"
+    if head[:2] in UTF16_BOMS:  # UTF-16 text: look at it as UTF-8 (the readers decode the whole file)
+        head = head.decode("utf-16", "ignore").encode("utf-8")
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text:
         raise AnnotationError(f"{path}: empty file")

@@ -15,6 +15,7 @@ from nuclick_wsi.records import RGB
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  #: Notepad's "Unicode", Windows PowerShell 5 redirection
 GEOJSON_SUFFIXES = (".geojson", ".json")
 
 #: Fixed palette for classes without a colour (Okabe-Ito-like, then Tableau-like): readable on H&E.
@@ -131,7 +132,12 @@ def read_head(path: Path, size: int = 65536) -> bytes:
 
 
 def decode_text(data: bytes, path: Path) -> str:
-    """Text of an annotation file: UTF-8 (a BOM is dropped), else Latin-1; binary is an error."""
+    """Text of an annotation file: UTF-8 (a BOM is dropped), UTF-16 with a BOM, else Latin-1; binary is an error."""
+    if data[:2] in UTF16_BOMS:
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise AnnotationError(f"{path}: broken UTF-16 text: {exc.reason}") from exc
     if b"\x00" in data:
         raise AnnotationError(f"{path}: not a text annotation file (binary content)")
     try:

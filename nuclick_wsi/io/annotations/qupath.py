@@ -122,6 +122,26 @@ def features_of(obj: Any, where: str) -> list[dict]:
     return features
 
 
+def labelled_features(obj: Any, where: str) -> Iterator[tuple[str, dict]]:
+    """Every Feature with its label, depth first: "feature 3", and the child objects QuPath nests in a
+    feature's properties when it writes a hierarchy ("childObjects", read also as "children", as QuPath
+    does): "feature 3, child 0"."""
+    stack = [(f"feature {i}", f) for i, f in enumerate(features_of(obj, where))][::-1]
+    while stack:  # a loop, not recursion: nesting depth is the file's to choose
+        label, feature = stack.pop()
+        yield label, feature
+        props = feature.get("properties")
+        if not isinstance(props, dict):
+            continue
+        children = props.get("childObjects" if "childObjects" in props else "children")
+        if not isinstance(children, list):
+            continue
+        for k in reversed(range(len(children))):
+            if not isinstance(children[k], dict):
+                raise AnnotationError(f"{where}: {label}, child {k} is not a JSON object")
+            stack.append((f"{label}, child {k}", children[k]))
+
+
 def object_type_of(feature: dict) -> str:
     """QuPath's object type of a Feature: objectType, object_type, then type; default annotation."""
     props = feature.get("properties") or {}
@@ -199,10 +219,13 @@ def _point(value: Any, label: str, where: str) -> tuple[float, float]:
         isinstance(value, (list, tuple))
         and len(value) >= 2
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[:2])
-        and math.isfinite(value[0])
-        and math.isfinite(value[1])
     ):
-        return float(value[0]), float(value[1])
+        try:  # a JSON integer may exceed float range
+            x, y = float(value[0]), float(value[1])
+        except OverflowError:
+            x = y = math.nan
+        if math.isfinite(x) and math.isfinite(y):
+            return x, y
     raise AnnotationError(f"{where}: {label}: bad coordinate {json.dumps(value)[:60]}")
 
 
@@ -238,16 +261,22 @@ def parse_geometry(geom: Any, label: str, where: str) -> Any:
                 raise AnnotationError(f"{where}: {label}: a Polygon ring needs 3 or more points")
         return Polygon(parts[0], parts[1:])
 
+    def line(value: Any) -> LineString:
+        pts = _points(value, label, where)
+        if len(pts) < 2:  # GEOS refuses a line of one point, or an empty part of a MultiLineString
+            raise AnnotationError(f"{where}: {label}: a line needs 2 or more points")
+        return LineString(pts)
+
     if kind == "Point":
         return Point(_point(coords, label, where))
     if kind == "MultiPoint":
         return MultiPoint(_points(coords, label, where))
     if kind == "LineString":
-        return LineString(_points(coords, label, where)) if coords else LineString()
+        return line(coords) if coords else LineString()
     if kind == "MultiLineString":
         if not isinstance(coords, list):
             raise AnnotationError(f"{where}: {label}: coordinates are not a list")
-        return MultiLineString([_points(c, label, where) for c in coords])
+        return MultiLineString([line(c) for c in coords])
     if kind == "Polygon":
         return polygon(coords)
     if kind == "MultiPolygon":
@@ -276,11 +305,10 @@ def prompts_from_geojson(obj: Any, where: str) -> Prompts:
     Point / MultiPoint -> one click per point, in file order; LineString / MultiLineString ->
     squiggles; Polygon / MultiPolygon annotations -> ``regions`` (and a ``skipped`` line);
     polygons of detections and cells, and empty geometries, are skipped. ``source`` names the
-    feature by its 0-based position in the file ("feature 3").
+    feature by its 0-based position in the file ("feature 3"; a nested child object: "feature 3, child 0").
     """
     prompts = Prompts(format="qupath")
-    for i, feature in enumerate(features_of(obj, where)):
-        label = f"feature {i}"
+    for label, feature in labelled_features(obj, where):
         geom_json = feature.get("geometry")
         if geom_json is None:
             prompts.skipped.append(f"{label}: no geometry")
