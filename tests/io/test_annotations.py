@@ -477,8 +477,12 @@ def test_demo_csv():
         ("1,5;2,5;Tumor\n", [(1.5, 2.5, "Tumor")]),
         ("x\ty\n1\t2\n", [(1, 2, None)]),
         ("# comment\n\n1, 2, A B\n", [(1, 2, "A B")]),
+        ("Name,Centroid X px,Centroid Y px,Class\nn1,10,20,T\n", [(10, 20, "T")]),
+        ("id;X (px);Y (px)\n7;1,5;2\n", [(1.5, 2, None)]),
+        ("a,b\n1,2\n", [(1, 2, None)]),
     ],
-    ids=["plain", "header", "named-columns", "semicolon-decimal-comma", "tab", "comment-blank"],
+    ids=["plain", "header", "named-columns", "semicolon-decimal-comma", "tab", "comment-blank", "pixel-columns",
+         "pixel-units-in-brackets", "unknown-header-in-order"],
 )
 def test_csv_variants(tmp_path, text, expected):
     path = tmp_path / "clicks.csv"
@@ -495,6 +499,13 @@ def test_csv_variants(tmp_path, text, expected):
         ("1,2\n\n5\n", "line 3"),
         ("x,y\n", "no clicks"),
         ("# only a comment\n", "empty"),
+        # a first row with one number is data, not a header to drop
+        ("nan,3\n1,2\n", "line 1"),
+        # micrometres read as pixels would put every click elsewhere: QuPath's measurement export, hand-made files
+        ("Centroid X \u00b5m,Centroid Y \u00b5m\n1,2\n", "line 1.*Centroid X \u00b5m.*in \u00b5m"),
+        ("Image\tName\tClass\tCentroid X \u03bcm\tCentroid Y \u03bcm\ns.svs\tn\tT\t1\t2\n", "in \u00b5m"),
+        ("x_um,y_um\n1,2\n", "'x_um', 'y_um' are in \u00b5m"),
+        ("X (microns),Y (microns)\n1,2\n", "in \u00b5m"),
     ],
 )
 def test_csv_errors(tmp_path, text, message):

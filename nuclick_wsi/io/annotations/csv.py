@@ -2,21 +2,29 @@
 
 The delimiter is a tab, a semicolon or a comma, chosen from the first data line (tab, then
 semicolon, then comma). With a tab or semicolon delimiter, decimal commas are accepted. A header
-is recognised when its first two fields are not numbers; header names ``x``, ``y`` and
-``class`` (or ``class_name``, ``label``, ``name``) pick the columns, otherwise columns are taken
-in order. Blank lines and lines starting with ``#`` are ignored.
+is recognised when neither of its first two fields is a number; header names ``x``, ``y`` (also
+``Centroid X px`` and ``X (px)``, as QuPath and spreadsheets name pixel columns) and ``class`` (or
+``class_name``, ``label``, ``name``) pick the columns, otherwise columns are taken in order. A
+header that puts a coordinate in µm (QuPath's measurement export: ``Centroid X µm``) is an
+error: clicks are level-0 pixels, and reading µm as pixels would put every click in the wrong
+place. Blank lines and lines starting with ``#`` are ignored.
 """
 
 from __future__ import annotations
 
 import csv as _csv
 import os
+import re
 
 from nuclick_wsi.errors import AnnotationError
 from nuclick_wsi.records import Click, Prompts
 from nuclick_wsi.io.annotations._common import check_exists, decode_text, parse_float, read_head
 
 CLASS_HEADERS = ("class", "class_name", "classname", "label", "name")
+#: a header naming the x (y) column in pixels: "x", "X px", "x (px)", "Centroid X", "centroid_x_px"
+_PIXEL_COLUMN = r"^(?:centroid[ _]?)?{}(?:[ _]?\(?(?:px|pixels?)\)?)?$"
+#: a header naming a coordinate in micrometres: "Centroid X µm" (micro sign or Greek mu), "x_um", "Y (microns)"
+_MICRON_COLUMN = re.compile(r"^(?:centroid[ _]?)?[xy](?:[ _]?\(?(?:[µμu]m|microns?|micrometers?)\)?)$")
 
 
 def _delimiter(line: str) -> str:
@@ -53,10 +61,17 @@ def prompts_from_text(text: str, where: str) -> Prompts:
     )]
     ix, iy, icls = 0, 1, 2
     first_n, first = rows[0]
-    if len(first) >= 2 and not (_is_number(first[0]) and _is_number(first[1])):
+    if len(first) >= 2 and not (_is_number(first[0]) or _is_number(first[1])):
         names = [f.lower() for f in first]
-        if "x" in names and "y" in names:
-            ix, iy = names.index("x"), names.index("y")
+        microns = [f for f, name in zip(first, names) if _MICRON_COLUMN.match(name)]
+        if microns:
+            raise AnnotationError(f"{where}: line {first_n}: column(s) {', '.join(map(repr, microns))} are in µm; "
+                                  "clicks are read in level-0 pixels (export pixel coordinates, or divide by the "
+                                  "slide's µm/px)")
+        col_x = next((k for k, name in enumerate(names) if re.match(_PIXEL_COLUMN.format("x"), name)), None)
+        col_y = next((k for k, name in enumerate(names) if re.match(_PIXEL_COLUMN.format("y"), name)), None)
+        if col_x is not None and col_y is not None:
+            ix, iy = col_x, col_y
             icls = next((names.index(c) for c in CLASS_HEADERS if c in names), None)
         rows = rows[1:]
         if not rows:
