@@ -214,7 +214,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     safety.refuse_overlap({"slide": slide_path, "clicks file": points_path,  # weights given or loaded (batch)
                            "weights": safety.local_file(getattr(nuclei_model, "source", None)),
                            "gland weights": safety.local_file(getattr(gland_model, "source", None))},
-                          [*paths.values(), *stale])
+                          [*paths.values(), *stale, *qc_paths(out_dir, stem).values()])  # written or removed
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)

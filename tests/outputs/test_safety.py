@@ -88,6 +88,22 @@ def test_geojson_clicks_named_like_the_output_are_refused(d, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("qc", [True, False])
+def test_clicks_named_like_the_qc_outputs_are_refused(d, tmp_path, qc):
+    """Clicks saved as ``OUT/S.review.geojson`` (the review list's name): the QC report would overwrite
+    them, and without it (``--no-qc``, the API's default) the clean-up of an earlier page would delete them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("S.review.geojson", "S.qc.html"):
+        clicks = geojson_clicks(out / name)
+        before = snapshot(out)
+        opts = SegmentOptions(progress=False, device="cpu", qc=qc)
+        with pytest.raises(OutputError, match="would overwrite the clicks file"):
+            segment(d / "S.tif", clicks, out, options=opts, models=Models(nuclei=disk_model(5.5)))
+        assert snapshot(out) == before
+        clicks.unlink()
+
+
 def test_clicks_with_another_formats_name_survive_stale_cleanup(d):
     """ASAP clicks ``S.xml`` and QuPath output into the same folder: the run works, S.xml stays."""
     clicks = asap_clicks(d / "S.xml")
