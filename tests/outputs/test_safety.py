@@ -104,6 +104,24 @@ def test_clicks_named_like_the_qc_outputs_are_refused(d, tmp_path, qc):
         clicks.unlink()
 
 
+def test_a_linked_output_folder_is_replaced_not_followed(d, tmp_path):
+    """``S.labels.zarr`` moved elsewhere and linked back (a big store on another disk): a rerun
+    replaces the link as it does a linked file, leaves what it points to alone, and does not fail
+    at the end with the earlier report already deleted."""
+    out = tmp_path / "out"
+    clicks = geojson_clicks(tmp_path / "clicks.geojson")
+    run(d / "S.tif", clicks, out)
+    moved = tmp_path / "moved.zarr"
+    (out / "S.labels.zarr").rename(moved)
+    (out / "S.labels.zarr").symlink_to(moved)
+    kept = snapshot(moved)
+    res = run(d / "S.tif", clicks, out)
+    assert res.report["totals"]["segmented"] == 3
+    assert not (out / "S.labels.zarr").is_symlink() and (out / "S.report.json").is_file()
+    assert snapshot(moved) == kept
+    assert snapshot(out / "S.labels.zarr").keys() == kept.keys()
+
+
 def test_clicks_with_another_formats_name_survive_stale_cleanup(d):
     """ASAP clicks ``S.xml`` and QuPath output into the same folder: the run works, S.xml stays."""
     clicks = asap_clicks(d / "S.xml")
