@@ -224,7 +224,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
         ensure_writable_dir(Path(out_dir))
         cleanup_temporaries(out_dir)  # temporaries of killed runs (their owner is gone)
         safety.check_free_space(Path(out_dir), safety.expected_bytes(len(reasons) + len(sq_reasons), opts.formats,
-                                                                   chunks_touched(prompts, opts.chunk)))
+                                                                   chunks_touched(prompts, opts.chunk),
+                                                                   qc=opts.qc and "qupath" in paths))
         timer = Timer()
         nuclei = gland = rerun = None
         if nuclei_model is not None:
@@ -244,7 +245,13 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     finally:
         slide.close()
     if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
-        write_qc(out_dir, stem)
+        try:
+            write_qc(out_dir, stem)
+        except OSError as exc:
+            full = safety.disk_full(exc, out_dir)
+            if full is None:
+                raise
+            raise full from exc
     else:  # a page of an earlier run would show other outlines
         for stale in qc_paths(out_dir, stem).values():
             remove_path(stale)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,33 @@ def test_full_disk_is_refused_before_any_work(d, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=f"output folder {out}: 0.0 MiB free, the outputs need about"):
         run(d / "S.tif", clicks, out)
     assert list(out.iterdir()) == []
+
+
+def test_full_disk_while_writing_the_qc_page(d, tmp_path, monkeypatch):
+    """The QC page (about 2 MB: an overview picture) is written after the outputs: a disk that fills up
+    there stops with the one-line folder error, and the free-space check before the run counts the page."""
+    import errno
+    from types import SimpleNamespace
+
+    from nuclick_wsi.outputs import safety
+
+    clicks = geojson_clicks(tmp_path / "c.geojson")
+    out = tmp_path / "out"
+    qc = SegmentOptions(progress=False, device="cpu", qc=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("nuclick_wsi.pipeline.write_qc", full)
+    with pytest.raises(OutputError, match=f"output folder {out}: no space left on device"):
+        segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+    assert not [p for p in out.iterdir() if p.name.startswith(".nuclick-tmp")]
+    monkeypatch.undo()
+    without = safety.expected_bytes(3, ("qupath",), 1)
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: SimpleNamespace(free=without + 1))
+    segment(d / "S.tif", clicks, out, options=replace(qc, qc=False), models=Models(nuclei=disk_model(5.5)))
+    with pytest.raises(OutputError, match="the outputs need about"):
+        segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
 
 
 def test_batch_summary_never_overwrites_the_manifest(tmp_path):
