@@ -247,15 +247,21 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
         try:
             write_qc(out_dir, stem)
-        except OSError as exc:
+        except Exception as exc:
+            _remove_qc(out_dir, stem)
             full = safety.disk_full(exc, out_dir)
             if full is None:
                 raise
             raise full from exc
-    else:  # a page of an earlier run would show other outlines
-        for stale in qc_paths(out_dir, stem).values():
-            remove_path(stale)
+    else:
+        _remove_qc(out_dir, stem)
     return SegmentResult(outputs=paths, report=report)
+
+
+def _remove_qc(out_dir, stem: str) -> None:
+    """Remove an earlier run's QC page and review list: they would show other outlines."""
+    for stale in qc_paths(out_dir, stem).values():
+        remove_path(stale)
 
 
 def chunks_touched(prompts: Prompts, chunk: int) -> int:

@@ -291,10 +291,15 @@ def test_full_disk_while_writing_the_qc_page(d, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+    assert (out / "S.qc.html").is_file() and (out / "S.review.geojson").is_file()
     monkeypatch.setattr("nuclick_wsi.pipeline.write_qc", full)
     with pytest.raises(OutputError, match=f"output folder {out}: no space left on device"):
         segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
     assert not [p for p in out.iterdir() if p.name.startswith(".nuclick-tmp")]
+    # the earlier run's page and review list would show other outlines than the ones now written
+    assert not (out / "S.qc.html").exists() and not (out / "S.review.geojson").exists()
+    assert (out / "S.report.json").is_file()
     monkeypatch.undo()
     without = safety.expected_bytes(3, ("qupath",), 1)
     monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: SimpleNamespace(free=without + 1))
