@@ -247,7 +247,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
         try:
             write_qc(out_dir, stem)
-        except Exception as exc:
+        except BaseException as exc:  # also Ctrl-C / SIGTERM while the page is written
             _remove_qc(out_dir, stem)
             full = safety.disk_full(exc, out_dir)
             if full is None:

@@ -301,6 +301,16 @@ def test_full_disk_while_writing_the_qc_page(d, tmp_path, monkeypatch):
     assert not (out / "S.qc.html").exists() and not (out / "S.review.geojson").exists()
     assert (out / "S.report.json").is_file()
     monkeypatch.undo()
+    segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nuclick_wsi.pipeline.write_qc", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+    assert not (out / "S.qc.html").exists() and not (out / "S.review.geojson").exists()
+    monkeypatch.undo()
     without = safety.expected_bytes(3, ("qupath",), 1)
     monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: SimpleNamespace(free=without + 1))
     segment(d / "S.tif", clicks, out, options=replace(qc, qc=False), models=Models(nuclei=disk_model(5.5)))
