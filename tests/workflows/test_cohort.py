@@ -160,6 +160,27 @@ def test_manifest_from_qupath(tmp_path):
     assert res.ok and (proj / "nuclick" / "results" / "a_b.tif.geojson").exists()
 
 
+def test_manifest_never_overwrites_the_project_or_its_inputs(tmp_path):
+    """``-o`` mistyped (tab completion) onto the project file, a slide or a clicks file: refused in one
+    line naming both, the file intact (was: the QuPath project replaced by the CSV)."""
+    make_cohort(tmp_path, n=1, weights=False)
+    slide = tmp_path / "slides" / "s0.tif"
+    proj = tmp_path / "proj"
+    clicks = proj / "nuclick" / "clicks" / "s0.tif.geojson"
+    clicks.parent.mkdir(parents=True)
+    clicks.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+                      '"geometry": {"type": "Point", "coordinates": [20, 30]}}]}')
+    images = [{"serverBuilder": {"builderType": "uri", "providerClassName": "qupath.lib.images.servers.openslide."
+                                 "OpenslideServerBuilder", "uri": slide.as_uri(), "args": []},
+               "entryID": 1, "imageName": "s0.tif"}]
+    (proj / "project.qpproj").write_text(json.dumps({"version": "0.5.1", "images": images}))
+    for target in (proj / "project.qpproj", slide, clicks):
+        before = target.read_bytes()
+        res = CliRunner().invoke(main, ["manifest", "--from-qupath", str(proj), "-o", str(target)])
+        assert res.exit_code == 1 and "would overwrite the" in res.output and len(res.output.strip().splitlines()) == 1
+        assert target.read_bytes() == before
+
+
 # --------------------------------------------------------------------------------------------------
 # batch
 
