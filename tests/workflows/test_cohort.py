@@ -185,6 +185,19 @@ def test_manifest_never_overwrites_the_project_or_its_inputs(tmp_path):
 # batch
 
 
+def test_batch_redoes_a_row_whose_clicks_differ_from_what_its_run_read(tmp_path):
+    """Clicks saved again while the row ran: older than the outputs, but not what they were made from."""
+    manifest = make_cohort(tmp_path, n=1, weights=False)
+    res = run_batch(manifest, tmp_path / "out", quick(), models=Models(nuclei=disk_model()))
+    assert [r.status for r in res.results] == ["segmented"]
+    points = tmp_path / "clicks" / "s0.csv"
+    done = (tmp_path / "out" / "s0.report.json").stat().st_mtime
+    points.write_text("\n".join(points.read_text().splitlines()[:2]) + "\n")  # one click left
+    os.utime(points, (done - 10, done - 10))
+    res = run_batch(manifest, tmp_path / "out", quick(), models=Models(nuclei=disk_model()))
+    assert [(r.status, r.clicks) for r in res.results] == [("segmented", 1)]
+
+
 def test_batch_outputs_equal_segment(tmp_path):
     manifest = make_cohort(tmp_path, n=2, weights=False)
     model = disk_model()

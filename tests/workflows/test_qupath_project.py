@@ -194,6 +194,33 @@ def test_project_runs_end_to_end_and_skips_on_rerun(two_images):
     assert [o.status for o in run.images] == ["segmented", "segmented"]
 
 
+def test_clicks_exported_again_during_the_run_are_not_taken_as_done(two_images, monkeypatch):
+    """The user exports an image's clicks again while ``qupath run`` is segmenting it (the file is
+    newer than what the run read, older than the results it writes): the next run redoes that image
+    instead of calling the results, made from the earlier clicks, complete."""
+    from nuclick_wsi import pipeline
+
+    proj, a, b = two_images
+    clicks_a = proj.parent / "nuclick" / "clicks" / f"{a.name}.geojson"
+    read = pipeline.read_prompts
+
+    def read_then_export_again(path, **kw):
+        prompts = read(path, **kw)
+        if Path(path) == clicks_a:  # the export lands after the run read the file
+            data = json.loads(clicks_a.read_text())
+            data["features"].append(point_feature(150.5, 150.5, "Tumor"))
+            clicks_a.write_text(json.dumps(data))
+        return prompts
+
+    monkeypatch.setattr(pipeline, "read_prompts", read_then_export_again)
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
+    assert [o.totals["clicks"] for o in run.images] == [2, 3]
+    monkeypatch.undo()
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
+    assert [o.status for o in run.images] == ["segmented", "complete"]
+    assert run.images[0].totals["clicks"] == 3
+
+
 def test_one_failing_image_does_not_stop_the_others(two_images):
     proj, a, b = two_images
     (proj.parent / "nuclick" / "clicks" / f"{a.name}.geojson").write_text('{"type": "FeatureCollection", "features": [')
