@@ -42,7 +42,7 @@ from nuclick_wsi.outputs.commit import commit_outputs, write_polygons
 from nuclick_wsi.io.annotations.qupath import OBJECT_TYPES
 from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.outputs import safety
-from nuclick_wsi.outputs.paths import output_paths, slide_stem
+from nuclick_wsi.outputs.paths import file_sha256, output_paths, slide_stem
 from nuclick_wsi.outputs.report import segment_report
 from nuclick_wsi.postprocess.threshold import PostParams
 from nuclick_wsi.qc import qc_paths, write_qc
@@ -207,6 +207,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     t_start = time.perf_counter()
     stem = safety.check_stem(stem or slide_stem(slide_path))
     output_paths(out_dir, stem, opts.formats, opts.gzip)  # an unknown format fails before any work
+    points_sha = file_sha256(points_path)  # before reading: a file saved again meanwhile reads as changed
     prompts = read_prompts(points_path, squiggle_groups=opts.squiggle_groups or None)
     nuclei_model, gland_model = models.for_prompts(prompts, str(points_path))
     paths = output_paths(out_dir, stem, opts.formats, opts.gzip, glands=gland_model is not None)
@@ -214,7 +215,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     safety.refuse_overlap({"slide": slide_path, "clicks file": points_path,  # weights given or loaded (batch)
                            "weights": safety.local_file(getattr(nuclei_model, "source", None)),
                            "gland weights": safety.local_file(getattr(gland_model, "source", None))},
-                          [*paths.values(), *stale])
+                          [*paths.values(), *stale, *qc_paths(out_dir, stem).values()])  # written or removed
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
@@ -224,7 +225,8 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
         ensure_writable_dir(Path(out_dir))
         cleanup_temporaries(out_dir)  # temporaries of killed runs (their owner is gone)
         safety.check_free_space(Path(out_dir), safety.expected_bytes(len(reasons) + len(sq_reasons), opts.formats,
-                                                                   chunks_touched(prompts, opts.chunk)))
+                                                                   chunks_touched(prompts, opts.chunk),
+                                                                   qc=opts.qc and "qupath" in paths))
         timer = Timer()
         nuclei = gland = rerun = None
         if nuclei_model is not None:
@@ -239,16 +241,28 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
                                                first_label=table.next_id, timer=timer))
         report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,
-                                dict(slide_path=slide_path, points_path=points_path, t_start=t_start,
+                                dict(slide_path=slide_path, points_path=points_path, points_sha=points_sha, t_start=t_start,
                                      rerun=rerun, table=table, memory=memory))
     finally:
         slide.close()
     if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
-        write_qc(out_dir, stem)
-    else:  # a page of an earlier run would show other outlines
-        for stale in qc_paths(out_dir, stem).values():
-            remove_path(stale)
+        try:
+            write_qc(out_dir, stem)
+        except BaseException as exc:  # also Ctrl-C / SIGTERM while the page is written
+            _remove_qc(out_dir, stem)
+            full = safety.disk_full(exc, out_dir)
+            if full is None:
+                raise
+            raise full from exc
+    else:
+        _remove_qc(out_dir, stem)
     return SegmentResult(outputs=paths, report=report)
+
+
+def _remove_qc(out_dir, stem: str) -> None:
+    """Remove an earlier run's QC page and review list: they would show other outlines."""
+    for stale in qc_paths(out_dir, stem).values():
+        remove_path(stale)
 
 
 def chunks_touched(prompts: Prompts, chunk: int) -> int:
@@ -295,7 +309,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
         timer.add("write", time.perf_counter() - t)
         predictor = (nuclei or gland)[1].predictor
         report = segment_report(slide=slide, prompts=prompts, slide_path=where["slide_path"],
-                                points_path=where["points_path"], mpp=mpp, nuclei=nuclei, gland=gland,
+                                points_path=where["points_path"], points_sha=where["points_sha"], mpp=mpp, nuclei=nuclei, gland=gland,
                                 predictor=predictor, paths=paths, timer=timer,
                                 wall=time.perf_counter() - where["t_start"])
         if nuclei is not None:

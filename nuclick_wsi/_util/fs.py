@@ -146,6 +146,8 @@ def replace_file(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
         remove_path(aside)
     else:
+        if final.is_symlink() and tmp.is_dir():  # a link cannot be renamed over by a folder: replace the
+            final.unlink()  # link itself, as os.replace does for a file (what it points to stays)
         os.replace(tmp, final)
 
 

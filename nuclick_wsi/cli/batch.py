@@ -112,6 +112,8 @@ def manifest_cmd(project, output, slide_dir) -> None:
     name (results import back with workflows/qupath/import_results.groovy), bounds_offset the frame
     QuPath used for the image, mpp the project's um/px where the slide file has none.
     """
+    from nuclick_wsi.errors import OutputError
+    from nuclick_wsi.outputs.safety import real
     from nuclick_wsi.workflows.cohort import manifest_from_qupath, write_manifest
 
     rows, notes = manifest_from_qupath(project, slide_dir=slide_dir)
@@ -119,6 +121,12 @@ def manifest_cmd(project, output, slide_dir) -> None:
         click.echo(f"  {note}", err=True)
     if not rows:
         raise click.ClickException(f"{project}: no image has exported clicks (run workflows/qupath/export_clicks.groovy)")
+    inputs = {"QuPath project": project / "project.qpproj" if project.is_dir() else project}
+    for k, row in enumerate(rows, 1):
+        inputs.update({f"slide of row {k}": row["slide"], f"clicks file of row {k}": row["points"]})
+    for role, given in inputs.items():
+        if real(given) == real(output):
+            raise OutputError(f"-o {output} would overwrite the {role} {given}; choose another -o")
     write_manifest(output, rows)
     click.echo(f"{output}: {len(rows)} row(s)" + (f"; {len(notes)} note(s) above" if notes else ""), err=True)
 

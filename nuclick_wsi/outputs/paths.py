@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,14 +45,31 @@ def outputs_complete(paths: dict[str, Path], ngff: str | None = None) -> bool:
             and ("glands" not in paths or is_complete(paths["glands"], ngff)))
 
 
-def outputs_fresh(paths: dict[str, Path], inputs: Sequence[Path], ngff: str | None = None) -> bool:
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """SHA-256 of a file's bytes (None when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def outputs_fresh(paths: dict[str, Path], inputs: Sequence[Path], ngff: str | None = None, *,
+                  clicks: Path | None = None) -> bool:
     """Outputs complete (label stores of NGFF ``ngff`` if given), and written after every input last
-    changed (else: redo; outputs of the other NGFF version are redone, as a change of formats is)."""
+    changed (else: redo; outputs of the other NGFF version are redone, as a change of formats is).
+    With ``clicks``: also made from that file as it is now (the report's ``points.sha256``), since a
+    file saved again while the run read the earlier one is older than the outputs yet not done."""
     if not outputs_complete(paths, ngff):
         return False
     try:
         done = paths["report"].stat().st_mtime
-        return all(p.stat().st_mtime <= done for p in inputs)
-    except OSError:
+        if not all(p.stat().st_mtime <= done for p in inputs):
+            return False
+        if clicks is None:
+            return True
+        used = (json.loads(paths["report"].read_text(encoding="utf-8")).get("points") or {}).get("sha256")
+    except (OSError, ValueError, AttributeError):
         return False
+    return used is None or used == file_sha256(clicks)  # None: a report of an older nuclick-wsi
 

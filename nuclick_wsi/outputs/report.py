@@ -50,8 +50,9 @@ def gland_model_section(model, run) -> dict[str, Any]:
 
 
 def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nuclei, gland, predictor,
-                   paths: dict, timer, wall: float) -> dict[str, Any]:
-    """The report of one slide. ``nuclei``/``gland``: (model, run) of each kind of prompt, or None."""
+                   paths: dict, timer, wall: float, points_sha: str | None = None) -> dict[str, Any]:
+    """The report of one slide. ``nuclei``/``gland``: (model, run) of each kind of prompt, or None;
+    ``points_sha``: SHA-256 of the clicks file as read (batch and qupath run redo a slide whose file differs)."""
     clicks = nuclei[1].records() if nuclei else []
     n_seg = len(nuclei[1].instances) if nuclei else 0
     model = nuclei[0] if nuclei else None
@@ -59,7 +60,8 @@ def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nucle
         "nuclick_wsi_version": __version__,
         "slide": {"path": str(slide_path), "reader": slide.reader, "width": slide.width, "height": slide.height,
                   "bounds_offset": list(slide.bounds_offset), "notes": list(getattr(slide, "notes", []))},
-        "points": {"path": str(points_path), "format": prompts.format, "not_prompts": prompts.skipped},
+        "points": {"path": str(points_path), "format": prompts.format, "sha256": points_sha,
+                   "not_prompts": prompts.skipped},
         "mpp": {"slide": mpp, "source": slide.mpp_source, "model": model.mpp if model else None,
                 "level0_px_per_model_px": nuclei[1].strategy.scale if nuclei else None},
         "model": model_section(*nuclei) if nuclei else None,

@@ -24,6 +24,8 @@ from nuclick_wsi.errors import OutputError
 BYTES_PER_CLICK = {"qupath": 1500, "asap": 3000, "geoparquet": 800, "report": 600}
 #: bytes per label-store chunk that holds an instance (compressed uint32 labels with pyramid: ~37 KiB measured)
 BYTES_PER_CHUNK = 128 * 1024
+#: bytes of the QC page and review list (about 2 MB measured: the overview picture and the crops)
+BYTES_QC = 4 * 1024 * 1024
 
 
 def stem_problem(stem: str) -> str | None:
@@ -113,10 +115,10 @@ def stale_outputs(report: Path, keep: Iterable[Path]) -> list[Path]:
     return stale
 
 
-def expected_bytes(n_clicks: int, formats: Iterable[str], chunks: int) -> int:
-    """A generous estimate of the bytes a run writes (polygons, report, label chunks)."""
+def expected_bytes(n_clicks: int, formats: Iterable[str], chunks: int, *, qc: bool = False) -> int:
+    """A generous estimate of the bytes a run writes (polygons, report, label chunks; ``qc``: the QC page)."""
     per_click = BYTES_PER_CLICK["report"] + sum(BYTES_PER_CLICK.get(f, 1500) for f in formats)
-    return n_clicks * per_click + chunks * BYTES_PER_CHUNK + 1024 * 1024
+    return n_clicks * per_click + chunks * BYTES_PER_CHUNK + 1024 * 1024 + (BYTES_QC if qc else 0)
 
 
 def check_free_space(folder: Path, needed: int) -> None:

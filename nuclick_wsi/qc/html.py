@@ -10,6 +10,7 @@ import base64
 import html
 import json
 from typing import Any
+from urllib.parse import quote
 
 from nuclick_wsi.qc.gallery import Crop
 
@@ -79,7 +80,8 @@ def index_page(title: str, rows: list[dict[str, Any]]) -> str:
     head = "".join(f'<th class="sort">{esc(c)}</th>' for c in INDEX_COLUMNS)
     body = []
     for r in rows:
-        link = f'<a href="{esc(r["report"])}">report</a>' if r.get("report") else esc(r.get("error", ""))
+        # a file name as a URL path: '#', '%', '?' and spaces in image names must not cut or alter the link
+        link = f'<a href="{esc(quote(r["report"]))}">report</a>' if r.get("report") else esc(r.get("error", ""))
         cells = [esc(r["stem"]), esc(r["status"])]
         for key in ("clicks", "segmented", "skipped", "median_area_um2", "flagged", "seconds"):
             v = r.get(key)

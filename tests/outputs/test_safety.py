@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,40 @@ def test_geojson_clicks_named_like_the_output_are_refused(d, tmp_path):
         with pytest.raises(OutputError, match="would overwrite the clicks file"):
             run(d / "S.tif", given, out)
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("qc", [True, False])
+def test_clicks_named_like_the_qc_outputs_are_refused(d, tmp_path, qc):
+    """Clicks saved as ``OUT/S.review.geojson`` (the review list's name): the QC report would overwrite
+    them, and without it (``--no-qc``, the API's default) the clean-up of an earlier page would delete them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("S.review.geojson", "S.qc.html"):
+        clicks = geojson_clicks(out / name)
+        before = snapshot(out)
+        opts = SegmentOptions(progress=False, device="cpu", qc=qc)
+        with pytest.raises(OutputError, match="would overwrite the clicks file"):
+            segment(d / "S.tif", clicks, out, options=opts, models=Models(nuclei=disk_model(5.5)))
+        assert snapshot(out) == before
+        clicks.unlink()
+
+
+def test_a_linked_output_folder_is_replaced_not_followed(d, tmp_path):
+    """``S.labels.zarr`` moved elsewhere and linked back (a big store on another disk): a rerun
+    replaces the link as it does a linked file, leaves what it points to alone, and does not fail
+    at the end with the earlier report already deleted."""
+    out = tmp_path / "out"
+    clicks = geojson_clicks(tmp_path / "clicks.geojson")
+    run(d / "S.tif", clicks, out)
+    moved = tmp_path / "moved.zarr"
+    (out / "S.labels.zarr").rename(moved)
+    (out / "S.labels.zarr").symlink_to(moved)
+    kept = snapshot(moved)
+    res = run(d / "S.tif", clicks, out)
+    assert res.report["totals"]["segmented"] == 3
+    assert not (out / "S.labels.zarr").is_symlink() and (out / "S.report.json").is_file()
+    assert snapshot(moved) == kept
+    assert snapshot(out / "S.labels.zarr").keys() == kept.keys()
 
 
 def test_clicks_with_another_formats_name_survive_stale_cleanup(d):
@@ -239,6 +274,48 @@ def test_full_disk_is_refused_before_any_work(d, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=f"output folder {out}: 0.0 MiB free, the outputs need about"):
         run(d / "S.tif", clicks, out)
     assert list(out.iterdir()) == []
+
+
+def test_full_disk_while_writing_the_qc_page(d, tmp_path, monkeypatch):
+    """The QC page (about 2 MB: an overview picture) is written after the outputs: a disk that fills up
+    there stops with the one-line folder error, and the free-space check before the run counts the page."""
+    import errno
+    from types import SimpleNamespace
+
+    from nuclick_wsi.outputs import safety
+
+    clicks = geojson_clicks(tmp_path / "c.geojson")
+    out = tmp_path / "out"
+    qc = SegmentOptions(progress=False, device="cpu", qc=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+    assert (out / "S.qc.html").is_file() and (out / "S.review.geojson").is_file()
+    monkeypatch.setattr("nuclick_wsi.pipeline.write_qc", full)
+    with pytest.raises(OutputError, match=f"output folder {out}: no space left on device"):
+        segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+    assert not [p for p in out.iterdir() if p.name.startswith(".nuclick-tmp")]
+    # the earlier run's page and review list would show other outlines than the ones now written
+    assert not (out / "S.qc.html").exists() and not (out / "S.review.geojson").exists()
+    assert (out / "S.report.json").is_file()
+    monkeypatch.undo()
+    segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nuclick_wsi.pipeline.write_qc", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
+    assert not (out / "S.qc.html").exists() and not (out / "S.review.geojson").exists()
+    monkeypatch.undo()
+    without = safety.expected_bytes(3, ("qupath",), 1)
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: SimpleNamespace(free=without + 1))
+    segment(d / "S.tif", clicks, out, options=replace(qc, qc=False), models=Models(nuclei=disk_model(5.5)))
+    with pytest.raises(OutputError, match="the outputs need about"):
+        segment(d / "S.tif", clicks, out, options=qc, models=Models(nuclei=disk_model(5.5)))
 
 
 def test_batch_summary_never_overwrites_the_manifest(tmp_path):

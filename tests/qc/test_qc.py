@@ -444,3 +444,26 @@ def test_overview_without_a_writable_cache(planted, tmp_path, monkeypatch):
     shutil.copytree(out, copy)
     write_qc(copy, "planted")
     assert (copy / "planted.qc.html").read_text(encoding="utf-8").count('data-qc="overview"') == 1
+
+
+def test_index_links_survive_hash_and_percent_in_names():
+    """QuPath image names keep '#', '%' and spaces ("Case #12 50%.svs"): the index's link must be a
+    URL that names that file, not one cut at '#' (a fragment) or read with '%12' as an escape."""
+    from html.parser import HTMLParser
+    from urllib.parse import unquote, urlsplit
+
+    from nuclick_wsi.qc.html import index_page
+
+    name = "Case #12 50% (HE)?.svs.qc.html"
+    text = index_page("t", [{"stem": "Case #12 50% (HE)?.svs", "status": "segmented", "report": name}])
+    hrefs = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "a":
+                hrefs.append(dict(attrs)["href"])
+
+    Links().feed(text)
+    parts = urlsplit(hrefs[0])
+    assert (parts.scheme, parts.netloc, parts.query, parts.fragment) == ("", "", "", "")
+    assert unquote(parts.path) == name

@@ -160,8 +160,42 @@ def test_manifest_from_qupath(tmp_path):
     assert res.ok and (proj / "nuclick" / "results" / "a_b.tif.geojson").exists()
 
 
+def test_manifest_never_overwrites_the_project_or_its_inputs(tmp_path):
+    """``-o`` mistyped (tab completion) onto the project file, a slide or a clicks file: refused in one
+    line naming both, the file intact (was: the QuPath project replaced by the CSV)."""
+    make_cohort(tmp_path, n=1, weights=False)
+    slide = tmp_path / "slides" / "s0.tif"
+    proj = tmp_path / "proj"
+    clicks = proj / "nuclick" / "clicks" / "s0.tif.geojson"
+    clicks.parent.mkdir(parents=True)
+    clicks.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+                      '"geometry": {"type": "Point", "coordinates": [20, 30]}}]}')
+    images = [{"serverBuilder": {"builderType": "uri", "providerClassName": "qupath.lib.images.servers.openslide."
+                                 "OpenslideServerBuilder", "uri": slide.as_uri(), "args": []},
+               "entryID": 1, "imageName": "s0.tif"}]
+    (proj / "project.qpproj").write_text(json.dumps({"version": "0.5.1", "images": images}))
+    for target in (proj / "project.qpproj", slide, clicks):
+        before = target.read_bytes()
+        res = CliRunner().invoke(main, ["manifest", "--from-qupath", str(proj), "-o", str(target)])
+        assert res.exit_code == 1 and "would overwrite the" in res.output and len(res.output.strip().splitlines()) == 1
+        assert target.read_bytes() == before
+
+
 # --------------------------------------------------------------------------------------------------
 # batch
+
+
+def test_batch_redoes_a_row_whose_clicks_differ_from_what_its_run_read(tmp_path):
+    """Clicks saved again while the row ran: older than the outputs, but not what they were made from."""
+    manifest = make_cohort(tmp_path, n=1, weights=False)
+    res = run_batch(manifest, tmp_path / "out", quick(), models=Models(nuclei=disk_model()))
+    assert [r.status for r in res.results] == ["segmented"]
+    points = tmp_path / "clicks" / "s0.csv"
+    done = (tmp_path / "out" / "s0.report.json").stat().st_mtime
+    points.write_text("\n".join(points.read_text().splitlines()[:2]) + "\n")  # one click left
+    os.utime(points, (done - 10, done - 10))
+    res = run_batch(manifest, tmp_path / "out", quick(), models=Models(nuclei=disk_model()))
+    assert [(r.status, r.clicks) for r in res.results] == [("segmented", 1)]
 
 
 def test_batch_outputs_equal_segment(tmp_path):

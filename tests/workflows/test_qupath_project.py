@@ -194,6 +194,33 @@ def test_project_runs_end_to_end_and_skips_on_rerun(two_images):
     assert [o.status for o in run.images] == ["segmented", "segmented"]
 
 
+def test_clicks_exported_again_during_the_run_are_not_taken_as_done(two_images, monkeypatch):
+    """The user exports an image's clicks again while ``qupath run`` is segmenting it (the file is
+    newer than what the run read, older than the results it writes): the next run redoes that image
+    instead of calling the results, made from the earlier clicks, complete."""
+    from nuclick_wsi import pipeline
+
+    proj, a, b = two_images
+    clicks_a = proj.parent / "nuclick" / "clicks" / f"{a.name}.geojson"
+    read = pipeline.read_prompts
+
+    def read_then_export_again(path, **kw):
+        prompts = read(path, **kw)
+        if Path(path) == clicks_a:  # the export lands after the run read the file
+            data = json.loads(clicks_a.read_text())
+            data["features"].append(point_feature(150.5, 150.5, "Tumor"))
+            clicks_a.write_text(json.dumps(data))
+        return prompts
+
+    monkeypatch.setattr(pipeline, "read_prompts", read_then_export_again)
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
+    assert [o.totals["clicks"] for o in run.images] == [2, 3]
+    monkeypatch.undo()
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False))
+    assert [o.status for o in run.images] == ["segmented", "complete"]
+    assert run.images[0].totals["clicks"] == 3
+
+
 def test_one_failing_image_does_not_stop_the_others(two_images):
     proj, a, b = two_images
     (proj.parent / "nuclick" / "clicks" / f"{a.name}.geojson").write_text('{"type": "FeatureCollection", "features": [')
@@ -402,10 +429,10 @@ def test_scripts_match_the_python_side(script, folder):
     assert _groovy_const(text, "RESULT_MARKER") == qp.RESULT_MARKER
     assert _groovy_const(text, "UNSAFE_FILENAME") == qp.UNSAFE_FILENAME
     assert _groovy_const(text, "EMPTY_NAME") == qp.EMPTY_NAME
-    if script == "import_results.groovy":  # the review list (nuclick_wsi.qc) is offered, off by default
-        from nuclick_wsi.qc.review import REVIEW_MEASUREMENT
+    from nuclick_wsi.qc.review import REVIEW_MEASUREMENT
 
-        assert _groovy_const(text, "REVIEW_MARKER") == REVIEW_MEASUREMENT
+    assert _groovy_const(text, "REVIEW_MARKER") == REVIEW_MEASUREMENT  # imported by one, left out by the other
+    if script == "import_results.groovy":  # the review list (nuclick_wsi.qc) is offered, off by default
         assert "def IMPORT_REVIEW = false" in text and "fileName + '.review.geojson'" in text
     paths = re.findall(r"buildFilePath\(PROJECT_BASE_DIR, ([^)]*)\)", text)
     assert paths == [", ".join(f"'{p}'" for p in folder)]
@@ -477,6 +504,30 @@ def test_scripts_round_trip_under_groovy(tmp_path):
     assert {"clicks", "roi", "other detection"} <= set(tags) and first["updates"] == 1
     assert [o["tag"] for o in second["objects"]].count("imported") == 2
     assert "removed 2 earlier NuClick objects, imported 2" in second["printed"]
+
+
+@pytest.mark.skipif(shutil.which("groovy") is None, reason="groovy not installed (the scripts need QuPath or Groovy)")
+def test_export_leaves_out_an_imported_review_list(tmp_path):
+    """The review list (IMPORT_REVIEW = true) brings annotations into QuPath: a Point at every click
+    that gave no outline and a polygon around every doubtful outline. Exporting the clicks again
+    (after adding a click, as the README says) must not turn them into clicks of class
+    "NuClick review" and areas."""
+    from nuclick_wsi.qc.review import REVIEW_MEASUREMENT
+
+    a = write_tiff_slide(tmp_path / "a.tif", 64, 64, 0.25)
+    proj = write_project(tmp_path / "proj", [entry(a, a.name, entry_id=1)])
+    user = [{"roi": "point", "coords": [[20.5, 20.5]], "tag": "clicks"},
+            {"roi": "point", "coords": [[40.5, 40.5]], "tag": "review point", "measurements": {REVIEW_MEASUREMENT: 0}},
+            {"roi": "area", "coords": [[1, 1], [9, 1], [9, 9]], "tag": "review outline",
+             "measurements": {REVIEW_MEASUREMENT: 3}}]
+    jf, of = tmp_path / "jobs.json", tmp_path / "out.json"
+    jf.write_text(json.dumps([{"script": str(SCRIPTS / "export_clicks.groovy"), "project": str(proj.parent),
+                               "image": a.name, "images": [a.name], "objects": user}]))
+    subprocess.run(["groovy", "-cp", str(ROOT / "tests" / "groovy"), str(ROOT / "tests" / "groovy" / "run_scripts.groovy"),
+                    str(jf), str(of)], check=True, env=_groovy_env(), timeout=120, capture_output=True)
+    assert "1 clicks, 0 lines, 0 areas" in json.loads(of.read_text())[0]["printed"]
+    prompts = read_prompts(proj.parent / "nuclick" / "clicks" / f"{a.name}.geojson")
+    assert [(c.x, c.y) for c in prompts.clicks] == [(20.5, 20.5)] and not prompts.regions
 
 
 def test_result_marker_is_on_every_written_object(tmp_path):

@@ -8,7 +8,8 @@
  *     PROJECT/nuclick/clicks/<image name>.geojson
  *
  * as a GeoJSON FeatureCollection, in QuPath's own pixel coordinates. Earlier NuClick results
- * (objects carrying the "NuClick score" measurement) are never exported.
+ * (objects carrying the "NuClick score" measurement) and an imported review list (the "NuClick
+ * review" measurement) are never exported.
  *
  * Run it for every image: Automate > Script editor > open this file > Run > Run for project
  * (or headless:  QuPath script -p /path/to/project.qpproj export_clicks.groovy).
@@ -29,6 +30,8 @@ def INCLUDE_AREAS = true
 def RESULT_MARKER = 'NuClick score'
 def UNSAFE_FILENAME = $/[\\/:*?"<>|\x00-\x1F\x7F]+/$
 def EMPTY_NAME = 'unnamed'
+// Shared with nuclick_wsi/qc/review.py (REVIEW_MEASUREMENT); a test checks they match.
+def REVIEW_MARKER = 'NuClick review'
 
 def entry = getProjectEntry()
 if (entry == null) {
@@ -48,6 +51,7 @@ if (twins.size() > 1) {
 def objects = getAnnotationObjects().findAll { o ->
     def roi = o.getROI()
     roi != null && !o.getMeasurementList().containsKey(RESULT_MARKER) &&
+        !o.getMeasurementList().containsKey(REVIEW_MARKER) &&  // an imported review list is not clicks
         (roi.isPoint() || roi.isLine() || (INCLUDE_AREAS && roi.isArea()))
 }
 int nClicks = objects.findAll { it.getROI().isPoint() }.sum(0) { it.getROI().getNumPoints() }

@@ -60,7 +60,7 @@ def _totals(report: dict[str, Any] | None) -> tuple[int | None, int | None, floa
 def row_complete(row: ManifestRow, paths: dict[str, Path], ngff: str | None = None) -> bool:
     """Outputs complete (label stores of NGFF ``ngff`` if given), and written after the slide and its
     clicks last changed (else: redo)."""
-    return outputs_fresh(paths, [row.slide, row.points], ngff)
+    return outputs_fresh(paths, [row.slide, row.points], ngff, clicks=row.points)
 
 
 def disk_state(row: ManifestRow, out_dir: Path, opts: BatchOptions) -> SlideResult:

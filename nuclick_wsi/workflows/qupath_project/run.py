@@ -162,7 +162,7 @@ def _prepare(proj: QuPathProject, image: ProjectImage, out: ImageOutcome, opts: 
     if image.problem:
         raise NuclickError(image.problem)
     paths = output_paths(proj.results_dir, image.file_name, opts.formats, opts.gzip)
-    if not force and outputs_fresh(paths, [out.clicks], opts.ngff):
+    if not force and outputs_fresh(paths, [out.clicks], opts.ngff, clicks=out.clicks):
         out.status, out.message = "complete", "results complete and newer than the clicks"
         out.outputs = {k: str(p) for k, p in paths.items()}
         return None
