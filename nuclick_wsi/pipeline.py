@@ -12,6 +12,7 @@ committed atomically).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -50,6 +51,8 @@ from nuclick_wsi.records import Instance, Prompts
 from nuclick_wsi.store.chunks import EarlierStore
 from nuclick_wsi.store.labels import LabelStore
 from nuclick_wsi.store.rerun import RerunState, write_state
+
+log = logging.getLogger("nuclick_wsi")
 
 __all__ = ["Models", "SegmentOptions", "SegmentResult", "predict_gland_labels", "predict_labels", "segment"]
 
@@ -220,6 +223,10 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     try:
         mpp = require_mpp(slide)
         previous = read_previous(paths["report"], paths["labels"], full=opts.full)
+        other = previous.another_slide(slide_path)
+        if other is not None:
+            log.warning("%s: replacing the outputs of another slide of the same name, %s (give --stem or "
+                        "another -o to keep both)", paths["report"].parent / stem, other)
         labels, uuids, table = previous.table.assign(prompts.clicks, stem)
         reasons, sq_reasons = check_prompts(prompts, slide, points_path, opts, labels)
         ensure_writable_dir(Path(out_dir))

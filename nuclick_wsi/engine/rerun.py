@@ -97,6 +97,18 @@ class Previous:
     state: RerunState | None
     why: str | None  #: why nothing of it is used (None: its id table is used)
     table: IdTable = field(default_factory=IdTable)
+    slide: str | None = None  #: the slide file the earlier report names
+
+    def another_slide(self, slide_path: str | os.PathLike) -> str | None:
+        """The earlier run's slide when it is another file that still exists (two slides of one name
+        written into one folder: this run replaces the other's outputs); None otherwise (the same
+        file, a moved one, or no earlier run)."""
+        if not self.slide:
+            return None
+        try:
+            return None if os.path.samefile(self.slide, slide_path) else self.slide
+        except OSError:  # the earlier slide is gone (moved, renamed) or this one is no file
+            return None
 
 
 def read_previous(report: Path, labels: Path, *, full: bool) -> Previous:
@@ -105,18 +117,22 @@ def read_previous(report: Path, labels: Path, *, full: bool) -> Previous:
         return Previous(None, "--full")
     if not report.exists():
         return Previous(None, "no earlier run in the output folder")
+    slide = None
     try:
-        sha = (json.loads(report.read_text(encoding="utf-8")).get("rerun") or {}).get("state_sha256")
+        earlier = json.loads(report.read_text(encoding="utf-8"))
+        slide = (earlier.get("slide") or {}).get("path")
+        slide = slide if isinstance(slide, str) else None
+        sha = (earlier.get("rerun") or {}).get("state_sha256")
         if not isinstance(sha, str):
             raise ValueError(f"{report} names no rerun state (no nucleus run, or an older nuclick-wsi)")
         if not is_complete(labels):
             raise ValueError(f"{labels} is incomplete")
         state = read_state(labels, sha)
-        return Previous(state, None, IdTable.from_json(state.ids))
+        return Previous(state, None, IdTable.from_json(state.ids), slide)
     except (OSError, ValueError, AttributeError) as exc:
         why = (str(exc) if isinstance(exc, ValueError) and not isinstance(exc, json.JSONDecodeError)
                else f"{report}: unreadable ({exc})")
-        return Previous(None, f"earlier outputs not reusable: {why}")
+        return Previous(None, f"earlier outputs not reusable: {why}", slide=slide)
 
 
 @dataclass

@@ -352,3 +352,29 @@ def test_a_state_whose_finals_name_an_unknown_piece_gives_a_full_run(case):
     again = run(slide, write_clicks_csv(tmp / "b.csv", clicks[1:]), out, chunk=128)
     assert again.report["rerun"]["mode"] == "full"
     assert "names no piece" in again.report["rerun"]["why_full"]
+
+
+def test_a_slide_of_the_same_name_from_another_folder_says_it_replaces_the_other_slides_outputs(case, caplog):
+    """c1/slide.tif then c2/slide.tif into one -o: the second run replaces the first's outputs (same stem);
+    it says so, naming the other slide. The same slide again, or a moved one, says nothing."""
+    slide, clicks, tmp = case
+    out, pts = tmp / "out", write_clicks_csv(tmp / "a.csv", clicks)
+    run(slide, pts, out)
+    with caplog.at_level("WARNING", logger="nuclick_wsi"):
+        run(slide, pts, out)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    other = tmp / "c2" / "slide.tif"
+    other.parent.mkdir()
+    write_tiff_slide(other, 512, 384, 0.25)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nuclick_wsi"):
+        run(other, pts, out)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "another slide of the same name" in warned[0] and str(slide) in warned[0]
+    moved = tmp / "c3" / "slide.tif"  # the earlier slide (c2) moved away: no other slide to speak of
+    moved.parent.mkdir()
+    other.rename(moved)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nuclick_wsi"):
+        run(moved, pts, out)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
