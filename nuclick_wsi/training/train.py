@@ -254,9 +254,19 @@ def resume_state(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[i
     """(start epoch, best IoU, history, elapsed s, global step) from ``last``, or a fresh start."""
     if not last.exists():
         return 0, -1.0, [], 0.0, 0
-    ck = torch.load(last, map_location="cpu", weights_only=False)
-    net.load_state_dict(ck["state_dict"])
-    opt.load_state_dict(ck["optimizer"])
+    try:
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        state, opt_state = ck["state_dict"], ck["optimizer"]
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or not a checkpoint at all
+        raise NuclickError(f"{last}: not a resumable training state ({type(exc).__name__}); "
+                           "remove it to start afresh") from None
+    try:
+        net.load_state_dict(state)
+        opt.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError):  # other --arch/--widths/--task than the run that wrote it
+        raise NuclickError(f"{last}: saved by a run of another network ({ck.get('arch')}, "
+                           f"{ck.get('arch_args')}); resume with that run's --arch/--widths/--task, "
+                           "or remove it (or choose another -o) to start afresh") from None
     _set_rng_state(sampler, ck["rng"], last)
     torch.set_rng_state(ck["torch_rng"])
     log(f"resumed from {last} at epoch {ck['epoch']}")

@@ -267,3 +267,20 @@ def test_validation_picks_the_best_threshold(monkeypatch):
     vm = validate(Halo(), sampler, torch.device("cpu"), 16)
     assert vm["threshold"] == 0.8 and vm["iou"] > 0.9
     assert vm["iou_by_threshold"]["0.5"] < vm["iou"]
+
+
+def test_resuming_with_other_widths_is_a_one_line_error(tmp_path):
+    """OUTPUT.last.pt of a run with other --widths (or --arch): a NuclickError naming the file, not torch's
+    state-dict RuntimeError with one line per tensor; a file that is not a checkpoint too."""
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    out = tmp_path / "m.pt"
+    cfg = TrainConfig(data=[str(data)], output=str(out), widths=[8, 16, 32, 64], epochs=1, samples_per_epoch=16,
+                      batch_size=16, val=["tile1"], seed=0)
+    train(cfg, progress=False, log=lambda m: None)
+    cfg.widths, cfg.epochs = [16, 32, 64, 128], 2
+    with pytest.raises(NuclickError, match=r"m\.last\.pt: .*widths") as err:
+        train(cfg, progress=False, log=lambda m: None)
+    assert "\n" not in str(err.value)
+    (tmp_path / "m.last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(NuclickError, match=r"m\.last\.pt: "):
+        train(cfg, progress=False, log=lambda m: None)
