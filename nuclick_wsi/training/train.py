@@ -19,7 +19,7 @@ from nuclick_wsi.model.predictor import resolve_device
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.model.precision import choose_precision, for_training, grad_scaler
 from nuclick_wsi.model.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
-from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
+from nuclick_wsi.io.datasets import Tile, load_tile, pairs_except
 from nuclick_wsi.training.loss import LOSSES, nuclick_loss
 from nuclick_wsi.training.sampling import PatchSampler, make_batch
 
@@ -85,13 +85,12 @@ class TrainConfig:
 def load_tiles(data: list[str], *, exclude: list[str] = (), use_binary: bool = True, log=print) -> list[Tile]:
     """Load every image/annotation pair of the given dataset folders (outlines preferred over masks)."""
     tiles = []
-    for folder in data:
-        for img, ann, kind in find_pairs(folder):
-            if img.stem in exclude or (kind == "binary" and not use_binary):
-                continue
-            tile = load_tile(img, ann, kind=kind)
-            tile.source = f"{ann} ({kind})"
-            tiles.append(tile)
+    for img, ann, kind in pairs_except(data, exclude):
+        if kind == "binary" and not use_binary:
+            continue
+        tile = load_tile(img, ann, kind=kind)
+        tile.source = f"{ann} ({kind})"
+        tiles.append(tile)
     if not tiles:
         raise NuclickError(f"no training tiles found in {', '.join(data)}")
     log(f"loaded {len(tiles)} tiles, {sum(len(t.targets) for t in tiles)} clickable objects")

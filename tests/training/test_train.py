@@ -284,3 +284,16 @@ def test_resuming_with_other_widths_is_a_one_line_error(tmp_path):
     (tmp_path / "m.last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(NuclickError, match=r"m\.last\.pt: "):
         train(cfg, progress=False, log=lambda m: None)
+
+
+def test_exclude_naming_no_image_is_an_error(tmp_path):
+    """--exclude with a misspelt test tile excluded nothing and trained on the test tiles without a word."""
+    from nuclick_wsi.training.detect_data import load_detection_items
+    from nuclick_wsi.training.train import load_tiles
+
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    assert [t.name for t in load_tiles([str(data)], exclude=["tile0"], log=lambda m: None)] == ["tile1"]
+    with pytest.raises(NuclickError, match=r"--exclude: no image named tile9 in .*data"):
+        load_tiles([str(data)], exclude=["tile0", "tile9"], log=lambda m: None)
+    with pytest.raises(NuclickError, match=r"--exclude: no image named tile9"):
+        load_detection_items([str(data)], exclude=["tile9"], log=lambda m: None)
