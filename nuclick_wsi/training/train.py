@@ -165,7 +165,16 @@ def _split_tiles(cfg: TrainConfig, log) -> tuple[list[Tile], list[Tile], list[Ti
         outlined = [t for t in train_tiles if "binary" not in t.source]
         val_tiles = [(outlined or train_tiles)[-1]]
         train_tiles = [t for t in train_tiles if t is not val_tiles[0]]
+    check_training_left(train_tiles, [t.name for t in val_tiles], bool(cfg.val))
     return tiles, train_tiles, val_tiles
+
+
+def check_training_left(train_items: list, val_names: list[str], val_given: bool) -> None:
+    """Raise NuclickError when validation took every image (``--val`` naming all, or a single image)."""
+    if not train_items:
+        raise NuclickError(f"{'--val holds out every image' if val_given else 'the only image is held out for validation'}"
+                           f" ({', '.join(val_names)}): nothing left to train on; "
+                           "add images, or pass --val none to train on all")
 
 
 def _slide_tiles(cfg: TrainConfig, log) -> list[Tile]:

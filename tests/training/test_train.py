@@ -297,3 +297,19 @@ def test_exclude_naming_no_image_is_an_error(tmp_path):
         load_tiles([str(data)], exclude=["tile0", "tile9"], log=lambda m: None)
     with pytest.raises(NuclickError, match=r"--exclude: no image named tile9"):
         load_detection_items([str(data)], exclude=["tile9"], log=lambda m: None)
+
+
+def test_val_holding_out_every_image_is_an_error(tmp_path):
+    """--val naming every image left nothing to train on: a ValueError traceback from the sampler."""
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    cfg = TrainConfig(data=[str(data)], output=str(tmp_path / "m.pt"), widths=[8, 16, 32, 64], epochs=1,
+                      samples_per_epoch=16, batch_size=16, val=["tile0", "tile1"], seed=0)
+    with pytest.raises(NuclickError, match=r"--val holds out every image \(tile0, tile1\)"):
+        train(cfg, progress=False, log=lambda m: None)
+    cfg.data, cfg.val = [str(write_dataset(tmp_path / "one", n_tiles=1))], []
+    with pytest.raises(NuclickError, match=r"the only image is held out for validation \(tile0\).*--val none"):
+        train(cfg, progress=False, log=lambda m: None)
+    from nuclick_wsi.training.detect import DetectConfig, split_items
+
+    with pytest.raises(NuclickError, match=r"the only image is held out for validation \(tile0\)"):
+        split_items(DetectConfig(data=cfg.data, output=str(tmp_path / "d.pt")), lambda m: None)
