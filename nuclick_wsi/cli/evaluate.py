@@ -35,7 +35,7 @@ def evaluate(data, weights, tiles, jitter, mpp, no_baselines, json_out, seed, de
     """Score a model with the NuClick protocol (a click per ground-truth nucleus): AJI, Dice, DQ, SQ, PQ, Hausdorff."""
     from nuclick_wsi.evaluation.protocol import evaluate as run_eval, format_table, load_eval_tiles
     from nuclick_wsi.model.weights import load_model
-    from nuclick_wsi.pipeline import SegmentOptions
+    from nuclick_wsi.pipeline import Models, SegmentOptions
 
     names = [t.strip() for t in tiles.split(",") if t.strip()]
     found = load_eval_tiles([str(d) for d in data], names or None)
@@ -44,7 +44,7 @@ def evaluate(data, weights, tiles, jitter, mpp, no_baselines, json_out, seed, de
         raise NuclickError(f"no outlined tiles named {', '.join(missing)} in {', '.join(map(str, data))}")
     if not found:
         raise NuclickError(f"no tiles with instance outlines in {', '.join(map(str, data))}")
-    model = load_model(weights)
+    model = Models(nuclei=load_model(weights)).get("nuclei")  # a gland model or a detector: segment's error
     result = run_eval(found, model, mpp=mpp, jitter=jitter, seed=seed, baselines=not no_baselines,
                       options=SegmentOptions(progress=False, duplicate_px=0, device=device, precision=precision,
                                              tta=tta, runtime=runtime),

@@ -230,3 +230,15 @@ def find_pairs(folder: str | Path) -> list[tuple[Path, Path, str]]:
     if not pairs:
         raise NuclickError(f"{folder}: no image/annotation pairs found")
     return pairs
+
+
+def pairs_except(data, exclude=()) -> list[tuple[Path, Path, str]]:
+    """:func:`find_pairs` over the folders ``data``, without the images named in ``exclude``.
+
+    A name in ``exclude`` that matches no image is an error: a misspelt test tile would be trained on.
+    """
+    pairs = [p for folder in data for p in find_pairs(folder)]
+    missing = sorted(set(exclude) - {img.stem for img, _, _ in pairs})
+    if missing:
+        raise NuclickError(f"--exclude: no image named {', '.join(missing)} in {', '.join(map(str, data))}")
+    return [p for p in pairs if p[0].stem not in set(exclude)]

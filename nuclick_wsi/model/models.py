@@ -109,6 +109,9 @@ class Models:
         if kind == "nuclei" and model.task == "gland":
             raise ModelError(f"{model.source}: a gland model cannot segment clicks (nuclei); "
                              "pass it with --gland-weights (or --task gland)")
+        if kind == "nuclei" and model.task == "detect":
+            raise ModelError(f"{model.source}: a proposal detector cannot segment clicks; pass it to "
+                             "propose --weights (or batch --propose --detector-weights)")
         return with_postprocess(model, self.postprocess.get(kind, {}))
 
     def for_prompts(self, prompts: Prompts, where: str) -> tuple[LoadedModel | None, LoadedModel | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class OpenVinoNet:
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with a multi-line oneDNN story
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise NuclickError(f"OpenVINO cannot compile the network at {precision} on this CPU: {first}") from exc
-        self.request = self.compiled.create_infer_request()
+        self._requests = threading.local()  # one infer request per thread: a request serves one call at a time
 
     @staticmethod
     def _save(ov, model, xml: Path) -> None:
@@ -109,7 +110,10 @@ class OpenVinoNet:
             pass
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        request = getattr(self._requests, "request", None)
+        if request is None:  # slides in flight share the network, each from its own thread
+            request = self._requests.request = self.compiled.create_infer_request()
+        out = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.array(out[0], copy=True)  # the request reuses its output buffer
 
 

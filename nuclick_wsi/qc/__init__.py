@@ -129,9 +129,10 @@ def rebuild(out_dir: str | Path, stems: list[str] | None = None, *, log=None) ->
             done = "FAILED"
         if log:
             log(f"{stem}: {done} ({time.perf_counter() - t0:.1f} s)")
+    rows += [index_row(out, stem, "complete") for stem in found if stem not in stems]  # --stem: the rest stay listed
     for p in out.glob("*.failed.json"):
         stem = p.name[: -len(".failed.json")]
-        if stem not in stems:
+        if stem not in stems and stem not in found:
             try:
                 err = json.loads(p.read_text(encoding="utf-8")).get("error", "")
             except (OSError, ValueError):

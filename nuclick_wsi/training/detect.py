@@ -30,7 +30,8 @@ from nuclick_wsi.model.precision import choose_precision, for_training
 from nuclick_wsi.model.predictor import resolve_device
 from nuclick_wsi.model.weights import build_network, save_checkpoint
 from nuclick_wsi.training.detect_data import DetectionItem, DetectionSampler, load_detection_items
-from nuclick_wsi.training.train import NO_VALIDATION, lr_schedule, optimise, resume_state, save_state
+from nuclick_wsi.training.train import (NO_VALIDATION, check_training_left, lr_schedule, optimise, resume_state,
+                                        save_state)
 
 ARCH = "s2d-detector"
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
@@ -143,7 +144,9 @@ def split_items(cfg: DetectConfig, log) -> tuple[list[DetectionItem], list[Detec
         raise NuclickError(f"validation images not found: {', '.join(sorted(missing))}")
     if not val:
         val = [([i for i in items if i.valid is None] or items)[-1]]
-    return [i for i in items if all(i is not v for v in val)], val
+    train = [i for i in items if all(i is not v for v in val)]
+    check_training_left(train, [i.name for i in val], bool(cfg.val))
+    return train, val
 
 
 def train_detector(cfg: DetectConfig, items: list[DetectionItem] | None = None,

@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 from torch.nn import functional as F
 
 from nuclick_wsi.errors import NuclickError
-from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile, read_rgb
+from nuclick_wsi.io.datasets import Tile, load_tile, pairs_except, read_rgb
 from nuclick_wsi.model.architectures.detector import STRIDE
 
 
@@ -84,18 +84,17 @@ def load_detection_items(data: list[str], *, exclude=(), use_binary: bool = True
                          log=print) -> list[DetectionItem]:
     """Items from dataset folders (``find_pairs`` layouts); ``mpp``: images whose files do not say."""
     items = []
-    for folder in data:
-        for img, ann, kind in find_pairs(folder):
-            if img.stem in exclude or (kind == "binary" and not use_binary):
-                continue
-            item = None
-            if ann.suffix.lower() in (".geojson", ".json"):
-                item = item_from_clicks(img, ann, mpp)
-            if item is None:
-                tile = load_tile(img, ann, kind=kind)
-                tile.source = f"{ann} ({kind})"
-                item = item_from_tile(tile, mpp)
-            items.append(item)
+    for img, ann, kind in pairs_except(data, exclude):
+        if kind == "binary" and not use_binary:
+            continue
+        item = None
+        if ann.suffix.lower() in (".geojson", ".json"):
+            item = item_from_clicks(img, ann, mpp)
+        if item is None:
+            tile = load_tile(img, ann, kind=kind)
+            tile.source = f"{ann} ({kind})"
+            item = item_from_tile(tile, mpp)
+        items.append(item)
     if not items:
         raise NuclickError(f"no training images found in {', '.join(data)}")
     log(f"loaded {len(items)} images, {sum(len(i.points) for i in items)} nucleus points")

@@ -19,7 +19,7 @@ from nuclick_wsi.model.predictor import resolve_device
 from nuclick_wsi.errors import NuclickError
 from nuclick_wsi.model.precision import choose_precision, for_training, grad_scaler
 from nuclick_wsi.model.weights import PATCH_DEFAULTS, POSTPROCESS_DEFAULTS, build_network, save_checkpoint
-from nuclick_wsi.io.datasets import Tile, find_pairs, load_tile
+from nuclick_wsi.io.datasets import Tile, load_tile, pairs_except
 from nuclick_wsi.training.loss import LOSSES, nuclick_loss
 from nuclick_wsi.training.sampling import PatchSampler, make_batch
 
@@ -85,13 +85,12 @@ class TrainConfig:
 def load_tiles(data: list[str], *, exclude: list[str] = (), use_binary: bool = True, log=print) -> list[Tile]:
     """Load every image/annotation pair of the given dataset folders (outlines preferred over masks)."""
     tiles = []
-    for folder in data:
-        for img, ann, kind in find_pairs(folder):
-            if img.stem in exclude or (kind == "binary" and not use_binary):
-                continue
-            tile = load_tile(img, ann, kind=kind)
-            tile.source = f"{ann} ({kind})"
-            tiles.append(tile)
+    for img, ann, kind in pairs_except(data, exclude):
+        if kind == "binary" and not use_binary:
+            continue
+        tile = load_tile(img, ann, kind=kind)
+        tile.source = f"{ann} ({kind})"
+        tiles.append(tile)
     if not tiles:
         raise NuclickError(f"no training tiles found in {', '.join(data)}")
     log(f"loaded {len(tiles)} tiles, {sum(len(t.targets) for t in tiles)} clickable objects")
@@ -166,7 +165,16 @@ def _split_tiles(cfg: TrainConfig, log) -> tuple[list[Tile], list[Tile], list[Ti
         outlined = [t for t in train_tiles if "binary" not in t.source]
         val_tiles = [(outlined or train_tiles)[-1]]
         train_tiles = [t for t in train_tiles if t is not val_tiles[0]]
+    check_training_left(train_tiles, [t.name for t in val_tiles], bool(cfg.val))
     return tiles, train_tiles, val_tiles
+
+
+def check_training_left(train_items: list, val_names: list[str], val_given: bool) -> None:
+    """Raise NuclickError when validation took every image (``--val`` naming all, or a single image)."""
+    if not train_items:
+        raise NuclickError(f"{'--val holds out every image' if val_given else 'the only image is held out for validation'}"
+                           f" ({', '.join(val_names)}): nothing left to train on; "
+                           "add images, or pass --val none to train on all")
 
 
 def _slide_tiles(cfg: TrainConfig, log) -> list[Tile]:
@@ -254,9 +262,19 @@ def resume_state(last: Path, net: torch.nn.Module, opt, sampler, log) -> tuple[i
     """(start epoch, best IoU, history, elapsed s, global step) from ``last``, or a fresh start."""
     if not last.exists():
         return 0, -1.0, [], 0.0, 0
-    ck = torch.load(last, map_location="cpu", weights_only=False)
-    net.load_state_dict(ck["state_dict"])
-    opt.load_state_dict(ck["optimizer"])
+    try:
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        state, opt_state = ck["state_dict"], ck["optimizer"]
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or not a checkpoint at all
+        raise NuclickError(f"{last}: not a resumable training state ({type(exc).__name__}); "
+                           "remove it to start afresh") from None
+    try:
+        net.load_state_dict(state)
+        opt.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError):  # other --arch/--widths/--task than the run that wrote it
+        raise NuclickError(f"{last}: saved by a run of another network ({ck.get('arch')}, "
+                           f"{ck.get('arch_args')}); resume with that run's --arch/--widths/--task, "
+                           "or remove it (or choose another -o) to start afresh") from None
     _set_rng_state(sampler, ck["rng"], last)
     torch.set_rng_state(ck["torch_rng"])
     log(f"resumed from {last} at epoch {ck['epoch']}")

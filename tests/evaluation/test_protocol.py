@@ -119,3 +119,22 @@ def test_tiles_read_at_20x_keep_their_objects():
     res = evaluate([tile], disk_model(6.0), baselines=False, scale=0.5)
     assert res["scale"] == 0.5 and res["objects"] == 4 and res["overall"]["model"]["dq"] == 1.0
     assert set(res["size_calibration"]) == {"0-6.25 um2", "6.25-12.5 um2", "12.5-25 um2", ">= 25 um2"}
+
+
+@pytest.mark.parametrize("task", ["gland", "detect"])
+def test_evaluate_refuses_a_model_of_another_task(tmp_path, monkeypatch, task):
+    """evaluate --weights GLAND.pt scored a gland model as a nucleus one without a word (and a detector
+    crashed with KeyError); it is the one-line error segment gives."""
+    from PIL import Image
+
+    from nuclick_wsi import cli  # noqa: F401 - cli.main is the command group
+
+    tile = _tile()
+    (tmp_path / "d").mkdir()
+    Image.fromarray(tile.image).save(tmp_path / "d" / "a.png")
+    np.save(tmp_path / "d" / "a.npy", tile.labels)
+    other = disk_model(6.0)
+    other.metadata["task"] = task
+    monkeypatch.setattr("nuclick_wsi.model.weights.load_model", lambda w=None, **k: other)
+    r = CliRunner().invoke(cli.main, ["evaluate", str(tmp_path / "d"), "--mpp", "0.25", "--no-baselines"])
+    assert r.exit_code == 1 and "cannot segment clicks" in r.output and "Traceback" not in r.output, r.output

@@ -82,3 +82,10 @@ def test_each_checkpoint_loads_once_and_its_error_is_kept(tmp_path, monkeypatch)
     assert calls == [w, str(tmp_path / "missing.pt")]  # the failure is not retried
     fixed = Models(nuclei=disk_model())
     assert fixed.with_nuclei(w) is fixed  # a loaded model is used for every row
+
+
+def test_a_proposal_detector_given_as_nucleus_weights_is_a_clear_error():
+    """segment/batch --weights DETECTOR.pt: a ModelError naming the file (was a KeyError traceback)."""
+    det = str(default_weights_path("detect"))
+    with pytest.raises(ModelError, match=r"default-detector\.pt: a proposal detector cannot segment clicks"):
+        Models(nuclei=det).for_prompts(Prompts(clicks=[CLICK]), "f")

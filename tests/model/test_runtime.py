@@ -111,3 +111,18 @@ def test_environment_and_bad_requests(monkeypatch):
         R.choose_runtime(net, CPU, "onnx", precision=FP32, arch="s2d-unet", patch_size=64)
     with pytest.raises(NuclickError, match="fp32 or bf16, not cpu fp16"):
         R.choose_runtime(net, CPU, "openvino", precision=PrecisionChoice("fp16", "x"), arch="s2d-unet", patch_size=64)
+
+
+def test_openvino_predictor_serves_threads_at_once(tmp_path):
+    """batch --slides-in-flight 2 shares one Predictor between two slides' threads: the single OpenVINO
+    infer request failed one slide with 'RuntimeError: Infer Request is busy'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ov = R.OpenVinoNet(small_model().net, patch_size=64, cache_dir=tmp_path)
+    xs = [np.random.default_rng(k).random((4, 5, 64, 64), dtype=np.float32) for k in range(4)]
+    alone = [ov(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            together = list(pool.map(ov, xs))
+            for a, b in zip(alone, together):
+                np.testing.assert_array_equal(a, b)

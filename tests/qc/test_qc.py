@@ -467,3 +467,19 @@ def test_index_links_survive_hash_and_percent_in_names():
     parts = urlsplit(hrefs[0])
     assert (parts.scheme, parts.netloc, parts.query, parts.fragment) == ("", "", "", "")
     assert unquote(parts.path) == name
+
+
+def test_report_for_one_stem_keeps_every_slide_in_the_index(planted, tmp_path):
+    """report OUT --stem S rebuilt index.html with S alone: the cohort's other slides vanished from it."""
+    out, _, _ = planted
+    copy = tmp_path / "o"
+    shutil.copytree(out, copy)
+    for suffix in (".report.json", ".review.geojson", ".qc.html"):
+        shutil.copy(copy / f"planted{suffix}", copy / f"other{suffix}")
+    (copy / "gone.failed.json").write_text(json.dumps({"error": "cannot open slide gone.svs"}))
+    written, failures = rebuild(copy, ["planted"])
+    assert not failures and copy / "index.html" in written and not (copy / "other.qc.html").stat().st_size == 0
+    index = (copy / "index.html").read_text(encoding="utf-8")
+    for stem in ("planted", "other", "gone"):
+        assert f'data-v="{stem}"' in index, stem
+    assert 'href="other.qc.html"' in index

@@ -267,3 +267,49 @@ def test_validation_picks_the_best_threshold(monkeypatch):
     vm = validate(Halo(), sampler, torch.device("cpu"), 16)
     assert vm["threshold"] == 0.8 and vm["iou"] > 0.9
     assert vm["iou_by_threshold"]["0.5"] < vm["iou"]
+
+
+def test_resuming_with_other_widths_is_a_one_line_error(tmp_path):
+    """OUTPUT.last.pt of a run with other --widths (or --arch): a NuclickError naming the file, not torch's
+    state-dict RuntimeError with one line per tensor; a file that is not a checkpoint too."""
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    out = tmp_path / "m.pt"
+    cfg = TrainConfig(data=[str(data)], output=str(out), widths=[8, 16, 32, 64], epochs=1, samples_per_epoch=16,
+                      batch_size=16, val=["tile1"], seed=0)
+    train(cfg, progress=False, log=lambda m: None)
+    cfg.widths, cfg.epochs = [16, 32, 64, 128], 2
+    with pytest.raises(NuclickError, match=r"m\.last\.pt: .*widths") as err:
+        train(cfg, progress=False, log=lambda m: None)
+    assert "\n" not in str(err.value)
+    (tmp_path / "m.last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(NuclickError, match=r"m\.last\.pt: "):
+        train(cfg, progress=False, log=lambda m: None)
+
+
+def test_exclude_naming_no_image_is_an_error(tmp_path):
+    """--exclude with a misspelt test tile excluded nothing and trained on the test tiles without a word."""
+    from nuclick_wsi.training.detect_data import load_detection_items
+    from nuclick_wsi.training.train import load_tiles
+
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    assert [t.name for t in load_tiles([str(data)], exclude=["tile0"], log=lambda m: None)] == ["tile1"]
+    with pytest.raises(NuclickError, match=r"--exclude: no image named tile9 in .*data"):
+        load_tiles([str(data)], exclude=["tile0", "tile9"], log=lambda m: None)
+    with pytest.raises(NuclickError, match=r"--exclude: no image named tile9"):
+        load_detection_items([str(data)], exclude=["tile9"], log=lambda m: None)
+
+
+def test_val_holding_out_every_image_is_an_error(tmp_path):
+    """--val naming every image left nothing to train on: a ValueError traceback from the sampler."""
+    data = write_dataset(tmp_path / "data", n_tiles=2)
+    cfg = TrainConfig(data=[str(data)], output=str(tmp_path / "m.pt"), widths=[8, 16, 32, 64], epochs=1,
+                      samples_per_epoch=16, batch_size=16, val=["tile0", "tile1"], seed=0)
+    with pytest.raises(NuclickError, match=r"--val holds out every image \(tile0, tile1\)"):
+        train(cfg, progress=False, log=lambda m: None)
+    cfg.data, cfg.val = [str(write_dataset(tmp_path / "one", n_tiles=1))], []
+    with pytest.raises(NuclickError, match=r"the only image is held out for validation \(tile0\).*--val none"):
+        train(cfg, progress=False, log=lambda m: None)
+    from nuclick_wsi.training.detect import DetectConfig, split_items
+
+    with pytest.raises(NuclickError, match=r"the only image is held out for validation \(tile0\)"):
+        split_items(DetectConfig(data=cfg.data, output=str(tmp_path / "d.pt")), lambda m: None)

@@ -481,3 +481,20 @@ def test_batch_reruns_incrementally_and_full_passes_through(tmp_path):
     os.utime(clicks, (later + 5, later + 5))
     assert CliRunner().invoke(main, [*args, "--full"]).exit_code == 0
     assert json.loads((out / "s0.report.json").read_text())["rerun"]["why_full"] == "--full"
+
+
+def test_summary_only_rewrites_a_stale_index(tmp_path):
+    """Jobs that end together each write OUT/index.html from what they saw: the last written can show a
+    finished slide as pending/running. --summary-only (Snakemake's final job, the array's afterwards
+    command) rewrote batch-summary.csv but left that stale index.html as it was."""
+    manifest = make_cohort(tmp_path / "c", n=2, clicks=3)
+    out = tmp_path / "out"
+    assert batch_cli(manifest, out, "--only", "s0").returncode == 0
+    stale = (out / "index.html").read_text(encoding="utf-8")
+    assert 'data-v="pending"' in stale
+    assert batch_cli(manifest, out, "--only", "s1").returncode == 0
+    (out / "index.html").write_text(stale, encoding="utf-8")  # s0's job wrote last
+    res = batch_cli(manifest, out, "--summary-only")
+    assert res.returncode == 0, res.stderr
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert 'data-v="pending"' not in index and 'href="s1.qc.html"' in index

@@ -87,3 +87,15 @@ def test_proposals_target_runs_propose_per_row(tmp_path):
         prompts = read_prompts(out / "proposals" / f"{stem}.proposals.geojson")
         assert prompts.format == "qupath" and all(c.class_name == "Proposed" for c in prompts.clicks)
     assert not (out / "batch-summary.csv").exists()  # `all` (segment) was not run
+
+
+def test_slurm_profile_suggests_only_what_the_slurm_plugin_accepts():
+    """The profile's comments suggested slurm_extra: "'--gres=gpu:1'", which the installed SLURM executor
+    plugin refuses (it manages --gres/--gpus itself): every slurm_extra the profile shows must pass its check."""
+    import re
+    from types import SimpleNamespace
+
+    validation = pytest.importorskip("snakemake_executor_plugin_slurm.validation")
+    text = (WORKFLOWS / "profiles" / "slurm" / "config.yaml").read_text()
+    for extra in re.findall(r"slurm_extra:\s*\"([^\"]*)\"", text):
+        validation.validate_slurm_extra(SimpleNamespace(resources=SimpleNamespace(slurm_extra=extra.strip("'"))))

@@ -229,6 +229,8 @@ def summary_only(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathL
     batch = BatchResult(results=results, selected=[r.stem for r in rows])
     if write and out.is_dir():
         batch.summary_path = write_summary(out, results, stale_after=opts.stale_after)
+        if opts.segment.qc:  # index.html as the summary says (a job's own index may predate its neighbours' end)
+            write_index(out, [index_row(out, r.row.stem, r.status, error=r.error) for r in results])
     return batch
 
 
