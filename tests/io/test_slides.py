@@ -497,3 +497,39 @@ def test_min_is_white_and_palette_tiffs(tmp_path):
                      colormap=colormap, metadata=None)
     with open_slide(palette) as src:
         assert src.read_region(0, 0, 2, 1, 2, 1).tolist() == [[[0, 0, 0], [255, 0, 0]]]
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares ``width`` x ``height`` (IHDR) and holds no pixels: enough for Image.open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_plain_image_beyond_pillows_bomb_guard_opens_and_one_beyond_ours_is_a_one_line_error(tmp_path, monkeypatch):
+    """Pillow refuses images over 179 million px as decompression bombs ("DOS attack"); a 15000 x 12000
+    region export is a slide the user named. Ours allows up to PILLOW_MAX_PIXELS and says how to go beyond;
+    Pillow's own limit is left as it was."""
+    from PIL import Image
+
+    import nuclick_wsi.io.slides.memory as memory
+
+    # scaled down: Pillow's guard at 100 px (refusing above 200), ours at 1000 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(memory, "PILLOW_MAX_PIXELS", 1000)
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)  # 600 px: Pillow alone refuses
+    Image.fromarray(rgb).save(tmp_path / "region.png")
+    with open_slide(tmp_path / "region.png", mpp=0.5) as slide:
+        assert (slide.width, slide.height) == (30, 20)
+        assert np.array_equal(slide.read_region(0, 0, 30, 20, 30, 20), rgb)
+    assert Image.MAX_IMAGE_PIXELS == 100
+    big = _png_header_only(tmp_path / "big.png", 40, 30)  # 1200 px > ours
+    with pytest.raises(SlideError, match=r"big\.png.*too large to decode whole.*tiled pyramidal TIFF") as err:
+        open_slide(big, mpp=0.5)
+    assert "\n" not in str(err.value) and Image.MAX_IMAGE_PIXELS == 100

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +42,39 @@ class ArraySource(PyramidSource):
         self._rgb = np.zeros((0, 0, 3), np.uint8)
 
 
+#: the largest plain image decoded whole (pixels): 2^30, 3 GiB as RGB. Pillow's own guard against
+#: decompression bombs stops at 179 million (a 15000 x 12000 export), below what a slide region is;
+#: the user names this file, so the guard here is memory, and the message says how to go beyond it.
+PILLOW_MAX_PIXELS = 1 << 30
+_PILLOW_LIMIT = threading.Lock()  # Pillow's limit is a module global: set and restored under a lock
+
+
+def _open_pillow(path: Path) -> Any:
+    """``Image.open(path)`` allowing up to :data:`PILLOW_MAX_PIXELS`; a larger image is a SlideError."""
+    from PIL import Image
+
+    with _PILLOW_LIMIT:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = PILLOW_MAX_PIXELS // 2  # Pillow warns above it and refuses above twice it
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return Image.open(path)
+        except Image.DecompressionBombError:
+            raise SlideError(f"{path}: too large to decode whole (plain PNG/JPEG/BMP are read into memory; "
+                             f"at most {PILLOW_MAX_PIXELS / 1e6:.0f} million px): convert it to a tiled pyramidal "
+                             "TIFF, e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
 class PillowSource(ArraySource):
-    """PNG / JPEG / BMP (anything Pillow opens), decoded whole."""
+    """PNG / JPEG / BMP (anything Pillow opens), decoded whole (up to :data:`PILLOW_MAX_PIXELS`)."""
 
     reader = "pillow"
 
     def __init__(self, path: Path) -> None:
-        from PIL import Image
-
-        with Image.open(path) as image:
+        with _open_pillow(path) as image:
             image.load()
             self._info = dict(image.info)
             self._format = image.format or "image"
