@@ -480,9 +480,13 @@ def test_demo_csv():
         ("Name,Centroid X px,Centroid Y px,Class\nn1,10,20,T\n", [(10, 20, "T")]),
         ("id;X (px);Y (px)\n7;1,5;2\n", [(1.5, 2, None)]),
         ("a,b\n1,2\n", [(1, 2, None)]),
+        # QuPath's Counting tool, 'Save points' (PointIO.writePoints): a tab after every header name, class and
+        # name and packed colour after x and y
+        ("x\ty\tclass\tname\tcolor\t\n100.5\t200.25\tTumor\t\t-65536\n110.0\t210.0\tStroma\tn1\t-16711936\n",
+         [(100.5, 200.25, "Tumor"), (110, 210, "Stroma")]),
     ],
     ids=["plain", "header", "named-columns", "semicolon-decimal-comma", "tab", "comment-blank", "pixel-columns",
-         "pixel-units-in-brackets", "unknown-header-in-order"],
+         "pixel-units-in-brackets", "unknown-header-in-order", "qupath-save-points-tsv"],
 )
 def test_csv_variants(tmp_path, text, expected):
     path = tmp_path / "clicks.csv"
