@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -182,7 +184,13 @@ def load_model(weights: str | os.PathLike | None = None, *, task: str = "nuclei"
         if not path.exists():
             raise ModelError(f"weights file {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: a bad file gets our one line below
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text goes on to suggest weights_only=False: not ours to say
+        raise ModelError(f"{path}: holds Python objects besides weights (a whole pickled model, or another tool's "
+                         "file); nuclick-wsi loads only weights (a state dict or its own checkpoint) and never "
+                         "runs code from a weights file") from exc
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise ModelError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     if not isinstance(ckpt, dict):

@@ -171,3 +171,14 @@ def test_published_weights_segment(arch, tmp_path):
     for c in report["clicks"]:
         assert c["reason"].startswith("nothing segmented: probability 0.450") and "below 0.5" in c["reason"]
     assert not labels.any()
+
+
+def test_a_whole_pickled_model_is_refused_in_one_line_without_torchs_advice_to_unpickle_it(tmp_path, recwarn):
+    """torch.save(model) (a whole module, as some projects publish) cannot load with weights_only; torch's
+    message goes on to suggest weights_only=False (running the file's code). Ours says what the file is."""
+    path = tmp_path / "whole.pt"
+    torch.save(NuclickTorchUNet(), path)
+    with pytest.raises(ModelError, match=r"whole\.pt: holds Python objects besides weights") as exc:
+        load_model(path)
+    assert "\n" not in str(exc.value) and "weights_only" not in str(exc.value)
+    assert not [w for w in recwarn if "pickle" in str(w.message)]
