@@ -102,12 +102,14 @@ def post_params(model: LoadedModel) -> PostParams:
 def click_run(slide: SlideSource, prompts: Prompts, model: LoadedModel, predictor: Predictor, mpp: float,
               stem: str, opts: SegmentOptions, reasons: list[str | None], timer: Timer | None = None, *,
               ids: tuple[list[int], list[str]] | None = None, cache: dict | None = None,
-              outlines: dict[str, bytes] | None = None, finals: dict[str, tuple] | None = None) -> PromptRun:
-    """``ids``: label ids and uuids per click (default: index + 1); ``cache``, ``outlines``, ``finals``:
-    an earlier run's pieces, traced outlines and final instances."""
+              outlines: dict[str, bytes] | None = None, finals: dict[str, tuple] | None = None,
+              contents: dict[str, str] | None = None) -> PromptRun:
+    """``ids``: label ids and uuids per click (default: index + 1); ``cache``, ``outlines``, ``finals``,
+    ``contents``: an earlier run's pieces, traced outlines, final instances and content keys."""
     labels, uuids = ids or (None, None)
     strategy = ClickStrategy(slide, prompts, model.mpp, model.patch_size, mpp, batch_size=opts.batch_size,
-                             duplicate_px=opts.duplicate_px, labels=labels, uuids=uuids, cache=cache, stem=stem)
+                             duplicate_px=opts.duplicate_px, labels=labels, uuids=uuids, cache=cache, stem=stem,
+                             contents=contents)
     return PromptRun(strategy, predictor, post_params(model), mpp, timer=timer, outlines=outlines, finals=finals,
                      reasons={k: r for k, r in enumerate(reasons) if r is not None})
 
@@ -242,7 +244,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                            recompute=opts.recompute)
             nuclei = (nuclei_model, click_run(slide, prompts, nuclei_model, pred, mpp, stem, opts, reasons, timer,
                                               ids=(labels, uuids), cache=rerun.cache, outlines=rerun.outlines,
-                                              finals=rerun.finals))
+                                              finals=rerun.finals, contents=rerun.contents))
         if gland_model is not None:
             pred = models.predictor(gland_model, opts.device, opts.precision, opts.tta, opts.runtime)
             gland = (gland_model, squiggle_run(slide, prompts, gland_model, pred, mpp, stem, sq_reasons,
@@ -300,7 +302,8 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                           unit="nuclei")
             t = time.perf_counter()
             state = RerunState(rerun.fingerprint, where["table"].to_json(), nuclei[1].strategy.pieces,
-                               nuclei[1].outlines, labels.chunk_table, nuclei[1].finals)
+                               nuclei[1].outlines, labels.chunk_table, nuclei[1].finals,
+                               nuclei[1].strategy.contents)
             state_sha = write_state(temps["labels"], state)
             timer.add("write", time.perf_counter() - t)
         else:  # squiggles only: an empty nucleus label store

@@ -10,8 +10,12 @@ A rerun into the same folder then
 
 * keeps the id table whenever the earlier run is complete and its state intact (:class:`~nuclick_wsi.engine.identity.IdTable`);
 * reuses a click's piece only when the fingerprint is the same and the click's signature (its
-  exact position and the clicks in its exclusion map, :func:`~nuclick_wsi.engine.clicks.signature`)
-  is one the earlier run computed; every other click is recomputed;
+  exact position and the clicks in its exclusion map, :func:`~nuclick_wsi.engine.clicks.signature`,
+  and on a resampled slide the box of the read its patch is cut from) is one the earlier run
+  computed, or, on a resampled slide, when its content key (the same plus the exact pixels of its
+  patch, :func:`~nuclick_wsi.engine.clicks.content_signature`) is: an edit that widens a region's
+  read recomputes only the clicks whose patch pixels or exclusion map it changed; every other
+  click is recomputed;
 * stitches every piece an edit can reach, reused or new, in the order a from-scratch run uses
   (regions row by row, clicks by y, x, then id), so the overlap rule resolves every contested pixel
   as it would there, and takes the earlier final instance of every other piece without stitching it
@@ -145,6 +149,7 @@ class Rerun:
     outlines: dict[str, bytes] = field(default_factory=dict)  #: traced outlines (WKB) by outline key
     chunks: ChunkTable | None = None  #: the earlier label store's chunk table (None: copy no chunk)
     finals: dict[str, tuple] = field(default_factory=dict)  #: the earlier final instances (:mod:`.reuse`)
+    contents: dict[str, str] = field(default_factory=dict)  #: the earlier content keys -> signatures
 
 
 def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -> Rerun:
@@ -156,7 +161,7 @@ def decide(previous: Previous, fp: dict[str, Any], *, recompute: bool = False) -
     if why is None:
         log.info("incremental rerun: reusing the earlier run's pieces where clicks and neighbours are unchanged")
         return Rerun(fp, dict(previous.state.pieces), None, previous.state.outlines, previous.state.chunks,
-                     previous.state.finals)
+                     previous.state.finals, previous.state.contents)
     log.info("full run: %s", why)
     return Rerun(fp, {}, why)
 

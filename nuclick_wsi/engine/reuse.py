@@ -50,6 +50,13 @@ class Entry:
     signature: str
     piece: PackedPiece | None  #: the item's piece, packed (None: no piece, a reason)
     new: bool = False  #: computed in this run (not the earlier run's)
+    #: the signature the earlier run kept a reused piece under (None: ``signature``); they differ for
+    #: a piece reused by its content key (:func:`~nuclick_wsi.engine.clicks.content_signature`)
+    earlier: str | None = None
+
+    def earlier_key(self) -> str:
+        """The :func:`~nuclick_wsi.store.rerun.final_key` of this piece in the earlier run."""
+        return final_key(self.earlier or self.signature, self.label)
 
     def box(self) -> Box:
         return self.piece.box
@@ -94,7 +101,7 @@ def plan(entries: list[Entry], earlier_pieces: dict[str, PackedPiece], finals: d
     """Which entries to stitch again (see the module's notes), given the earlier run's pieces by
     signature and its final instances by :func:`~nuclick_wsi.store.rerun.final_key`."""
     stitched = [k for k, e in enumerate(entries) if e.piece is not None]
-    keys = [final_key(entries[k].signature, entries[k].label) for k in stitched]
+    keys = [entries[k].earlier_key() for k in stitched]  # the earlier run's keys of the same pieces
     boxes = np.array([entries[k].box() for k in stitched], np.int64).reshape(-1, 4)
     kept = set(keys)
     gone = [k for k in finals if k not in kept]

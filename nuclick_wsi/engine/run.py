@@ -48,7 +48,8 @@ class Strategy(Protocol):
     """What one kind of prompt (click, squiggle) decides; see :mod:`nuclick_wsi.engine.clicks`.
 
     Optional, for incremental reruns (clicks only): ``cache`` (the earlier run's pieces by signature),
-    ``pieces`` (this run's), ``signature_of(item)``; and ``release(batch)``, to refill batch buffers.
+    ``pieces`` (this run's), ``signature_of(item)``, ``source_of(item)`` (the earlier run's signature of
+    a reused piece); and ``release(batch)``, to refill batch buffers.
     """
 
     kind: str  #: "nucleus" or "gland" (instances' kind, uuid salt)
@@ -219,7 +220,8 @@ class PromptRun:
                     if piece.reason is not None:
                         self.reasons[idx] = piece.reason
                         piece = None
-                entries.append(Entry(y, idx, s.label_of(idx), sig, piece, new=slot is not None))
+                entries.append(Entry(y, idx, s.label_of(idx), sig, piece, new=slot is not None,
+                                     earlier=s.source_of(item)))
             self.timer.add("post", time.perf_counter() - t)
             if progress is not None:
                 progress.update(len(items))
@@ -246,8 +248,7 @@ class PromptRun:
 
     def _take(self, e: Entry) -> None:
         """The earlier run's final instance of an entry no edit reaches."""
-        key = final_key(e.signature, e.label)
-        rec = self.finals[key] = self.earlier_finals[key]
+        rec = self.finals[final_key(e.signature, e.label)] = self.earlier_finals[e.earlier_key()]
         if not rec:  # it lost every pixel there, and does here
             return
         area, score, cx, cy, okey = rec

@@ -13,7 +13,11 @@ centroid and outline key of its mask after stitching, or nothing when it lost ev
 rerun takes the instances no edit can reach without stitching them again
 (:mod:`nuclick_wsi.engine.reuse`), and the store's chunk table (:class:`~nuclick_wsi.store.chunks.ChunkTable`: per
 chunk file of every level, a digest of its labels and the SHA-256 of its bytes), so a rerun copies
-the chunk files whose labels did not change instead of encoding them again.
+the chunk files whose labels did not change instead of encoding them again. It also holds, per
+piece of a resampled slide whose patch was cut from a read, its content key (``contents``: a hash of
+the exact patch pixels, the click's position and its exclusion neighbours,
+:func:`~nuclick_wsi.engine.clicks.content_signature`), so a rerun whose read box changed (an edit
+widened the click's region) still reuses the piece when the patch's pixels are the same bits.
 
 A piece is what the network and post-processing made of one click before stitching (a function of
 the click's patch alone), so a rerun stitches it again instead of recomputing it. The report of the
@@ -36,8 +40,9 @@ import numpy as np
 
 from nuclick_wsi.store.chunks import ChunkTable
 
-FORMAT = "nuclick-wsi-rerun/3"  #: /3: with the final instances; /2: with the chunk table
-OLDER = ("nuclick-wsi-rerun/1", "nuclick-wsi-rerun/2")  #: read too: an upgrade keeps the folder's ids
+FORMAT = "nuclick-wsi-rerun/4"  #: /4: with content keys; /3: with the final instances; /2: with the chunk table
+#: read too: an upgrade keeps the folder's ids
+OLDER = ("nuclick-wsi-rerun/1", "nuclick-wsi-rerun/2", "nuclick-wsi-rerun/3")
 FOLDER = "nuclick-rerun"
 
 
@@ -92,6 +97,9 @@ class RerunState:
     #: per stitched piece, by :func:`final_key`: (area px, score, centroid x, centroid y, outline key) of
     #: its final instance, or () when it lost every pixel; empty in states older than /3 (nothing taken)
     finals: dict[str, tuple] = field(default_factory=dict)
+    #: content key -> signature of a piece of the state (:func:`~nuclick_wsi.engine.clicks.content_signature`);
+    #: empty in states older than /4 (no piece reused by content)
+    contents: dict[str, str] = field(default_factory=dict)
 
 
 def final_key(signature: str, label: int) -> str:
@@ -134,7 +142,9 @@ def write_state(store: str | os.PathLike, state: RerunState) -> str:
                         "sha256": sha256(lines)},
            "chunks": state.chunks.to_json(),
            "finals": {"columns": ["key", "area_px", "score", "centroid_x", "centroid_y", "outline"],
-                      "rows": [[k, *state.finals[k]] for k in sorted(state.finals)]}}
+                      "rows": [[k, *state.finals[k]] for k in sorted(state.finals)]},
+           "contents": {"columns": ["content", "signature"],
+                        "rows": [[k, state.contents[k]] for k in sorted(state.contents)]}}
     text = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
     (folder / "state.json").write_bytes(text)
     return sha256(text)
@@ -176,7 +186,9 @@ def read_state(store: str | os.PathLike, expected_sha256: str) -> RerunState:
         return RerunState(dict(doc["fingerprint"]), dict(doc["ids"]), pieces, outlines,
                           ChunkTable.from_json(doc["chunks"]) if "chunks" in doc or doc["format"] != OLDER[0]
                           else ChunkTable(),  # /1: no chunk table (nothing copied), ids and pieces as ever
-                          _finals(doc, pieces, outlines) if doc["format"] == FORMAT else {})  # /1, /2: none taken
+                          _finals(doc, pieces, outlines) if doc["format"] not in OLDER[:2]
+                          else {},  # /1, /2: none taken
+                          _contents(doc, pieces) if doc["format"] == FORMAT else {})  # /1 to /3: none by content
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{folder / 'state.json'}: malformed ({exc})") from None
 
@@ -200,6 +212,19 @@ def _finals(doc: dict[str, Any], pieces: dict[str, PackedPiece], outlines: dict[
         if rest and rest[4] not in outlines:
             raise ValueError(f"final instance {key} names no outline of the state")
         out[key] = (float(rest[0]), float(rest[1]), float(rest[2]), float(rest[3]), rest[4]) if rest else ()
+    return out
+
+
+def _contents(doc: dict[str, Any], pieces: dict[str, PackedPiece]) -> dict[str, str]:
+    """The content keys of ``doc``; each must name a piece of the state."""
+    contents = doc["contents"]
+    if contents.get("columns") != ["content", "signature"]:
+        raise ValueError("contents without the expected columns")
+    out: dict[str, str] = {}
+    for key, signature in contents["rows"]:
+        if not isinstance(key, str) or signature not in pieces:
+            raise ValueError(f"content key {key} names no piece of the state")
+        out[key] = signature
     return out
 
 

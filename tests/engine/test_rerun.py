@@ -289,17 +289,30 @@ def test_a_rerun_copies_the_chunk_files_it_did_not_touch_and_encodes_the_others(
     assert ref["chunks_copied"] == 0 and ref["chunks_written"] == len(rows)
 
 
+def rewrite_state(out: Path, report, edit) -> None:
+    """Edit the rerun state in ``out`` (``edit(doc)`` on its state.json) and make its report name the result."""
+    state = out / "slide.labels.zarr" / FOLDER / "state.json"
+    doc = json.loads(state.read_bytes())
+    edit(doc)
+    state.write_bytes(json.dumps(doc, sort_keys=True).encode())
+    rep = dict(report, rerun=dict(report["rerun"], state_sha256=hashlib.sha256(state.read_bytes()).hexdigest()))
+    (out / "slide.report.json").write_text(json.dumps(rep))
+
+
+def older_format(fmt: str, *dropped: str):
+    """A :func:`rewrite_state` edit making the state one of format ``fmt``, without its ``dropped`` sections."""
+    def edit(doc):
+        doc["format"] = fmt
+        for key in dropped:
+            del doc[key]
+    return edit
+
+
 def test_a_state_of_the_older_format_keeps_the_ids_and_copies_no_chunk(case):
     slide, clicks, tmp = case
     out = tmp / "out"
     first = run(slide, write_clicks_csv(tmp / "a.csv", clicks), out)
-    state = out / "slide.labels.zarr" / FOLDER / "state.json"
-    doc = json.loads(state.read_bytes())
-    doc["format"] = "nuclick-wsi-rerun/1"
-    del doc["chunks"]
-    state.write_bytes(json.dumps(doc, sort_keys=True).encode())
-    rep = dict(first.report, rerun=dict(first.report["rerun"], state_sha256=hashlib.sha256(state.read_bytes()).hexdigest()))
-    (out / "slide.report.json").write_text(json.dumps(rep))
+    rewrite_state(out, first.report, older_format("nuclick-wsi-rerun/1", "chunks", "contents"))
     before = tmp / "before"
     shutil.copytree(out, before)
     edited = clicks[::-1] + [(300.37, 190.12, "A")]
@@ -343,12 +356,8 @@ def test_a_state_whose_finals_name_an_unknown_piece_gives_a_full_run(case):
     slide, clicks, tmp = case
     out = tmp / "out"
     first = run(slide, write_clicks_csv(tmp / "a.csv", clicks), out, chunk=128)
-    state = out / "slide.labels.zarr" / FOLDER / "state.json"
-    doc = json.loads(state.read_bytes())
-    doc["finals"]["rows"].append(["0" * 32 + ":999", 10.0, 0.5, 1.0, 1.0, doc["finals"]["rows"][0][5]])
-    state.write_bytes(json.dumps(doc, sort_keys=True).encode())
-    rep = dict(first.report, rerun=dict(first.report["rerun"], state_sha256=hashlib.sha256(state.read_bytes()).hexdigest()))
-    (out / "slide.report.json").write_text(json.dumps(rep))
+    rewrite_state(out, first.report, lambda doc: doc["finals"]["rows"].append(
+        ["0" * 32 + ":999", 10.0, 0.5, 1.0, 1.0, doc["finals"]["rows"][0][5]]))
     again = run(slide, write_clicks_csv(tmp / "b.csv", clicks[1:]), out, chunk=128)
     assert again.report["rerun"]["mode"] == "full"
     assert "names no piece" in again.report["rerun"]["why_full"]
@@ -378,3 +387,72 @@ def test_a_slide_of_the_same_name_from_another_folder_says_it_replaces_the_other
     with caplog.at_level("WARNING", logger="nuclick_wsi"):
         run(moved, pts, out)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+#: one band of 12 clicks in one region of a 400 x 400 px slide, their patches overlapping in a row
+BAND = [(round(20.37 + 20 * j, 2), round(40.21 + j % 3, 2), "AB"[j % 2]) for j in range(12)]
+FAR = (200.5, 200.5, "A")  #: in the band's region (tile), outside every band click's patch
+
+
+def patch_bytes(slide, clicks, model_mpp: float = 0.25) -> dict[tuple, bytes]:
+    """Each click's patch pixels as cut from its region's read (how a from-scratch run reads them)."""
+    from nuclick_wsi.engine.clicks import TILE
+    from nuclick_wsi.guidance.clicks import effective_scale, patch_origin, plan_regions
+
+    src = open_slide(slide)
+    try:
+        scale = effective_scale(model_mpp, src.mpp)
+        xs, ys = np.array([c[0] for c in clicks]), np.array([c[1] for c in clicks])
+        out = {}
+        for r in plan_regions(xs, ys, scale, PATCH, tile=TILE):
+            img = src.read_region(r.x0, r.y0, r.width * scale, r.height * scale, r.width, r.height)
+            for k in r.clicks:
+                c0, r0 = patch_origin(xs[k], ys[k], r, scale, PATCH)
+                out[clicks[k]] = img[r0:r0 + PATCH, c0:c0 + PATCH].tobytes()
+        return out
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("slide_mpp", [0.5, 0.499])  # 0.499: the widened read changes some patches' last bits
+def test_a_click_that_widens_a_resampled_region_recomputes_only_the_patches_it_changes(tmp_path, slide_mpp):
+    """On a resampled slide a click's signature holds its region's read box; a click added far from
+    the others but in their region widens that box. Only the added click and the clicks whose patch
+    pixels came out other bits are recomputed (reused by content key), and the outputs are a
+    from-scratch run's, byte for byte; the next rerun reuses every piece by its new signature."""
+    slide = write_tiff_slide(tmp_path / "slide.tif", 400, 400, slide_mpp)
+    out = tmp_path / "out"
+    run(slide, write_clicks_csv(tmp_path / "a.csv", BAND), out)
+    before = tmp_path / "before"
+    shutil.copytree(out, before)
+    old, new = patch_bytes(slide, BAND), patch_bytes(slide, BAND + [FAR])
+    changed = [c for c in BAND if old[c] != new[c]]
+    assert (len(changed) == 0) if slide_mpp == 0.5 else (0 < len(changed) < len(BAND))
+    pts = write_clicks_csv(tmp_path / "b.csv", BAND + [FAR])
+    again = run(slide, pts, out)
+    rerun = again.report["rerun"]
+    assert rerun["mode"] == "incremental"
+    assert rerun["recomputed"] == 1 + len(changed) and rerun["reused"] == len(BAND) - len(changed)
+    if not changed:  # the pieces reused by content are taken as the earlier run left them
+        assert rerun["taken"] == rerun["reused"]
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, pts, tmp_path / "ref")
+    third = run(slide, write_clicks_csv(tmp_path / "c.csv", (BAND + [FAR])[::-1]), out)
+    assert third.report["rerun"]["recomputed"] == 0 and third.report["rerun"]["reused"] == len(BAND) + 1
+
+
+def test_a_resampled_rerun_from_a_state_without_content_keys_keys_the_pieces_it_reuses(tmp_path):
+    """A state of format /3 (no content keys): a click whose signature it holds is reused and its patch
+    read to key it, so the rerun's outputs, rerun state included, are a from-scratch run's."""
+    slide = write_tiff_slide(tmp_path / "slide.tif", 400, 400, 0.499)
+    out = tmp_path / "out"
+    first = run(slide, write_clicks_csv(tmp_path / "a.csv", BAND), out)
+    assert len(read_state(out / "slide.labels.zarr", first.report["rerun"]["state_sha256"]).contents) == len(BAND)
+    rewrite_state(out, first.report, older_format("nuclick-wsi-rerun/3", "contents"))
+    before = tmp_path / "before"
+    shutil.copytree(out, before)
+    pts = write_clicks_csv(tmp_path / "b.csv", BAND[::-1] + [(200.5, 300.5, "A")])  # another region
+    again = run(slide, pts, out)
+    rerun = again.report["rerun"]
+    assert rerun["mode"] == "incremental" and rerun["recomputed"] == 1 and rerun["reused"] == len(BAND)
+    assert rerun["taken"] == len(BAND)
+    assert outputs(out) == from_scratch_with_same_ids(before, slide, pts, tmp_path / "ref")

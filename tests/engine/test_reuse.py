@@ -59,3 +59,17 @@ def test_an_edit_reaches_along_chains_of_overlapping_boxes_gone_pieces_and_chang
     # cleared: the gone instances (a0 as 1, g, f as 7) and the re-stitched ones' earlier pixels (b, c, e)
     assert p.clear.tolist() == [1, 2, 3, 5, 6, 7]
     assert p.dirty_chunks == {(0, 0), (3, 3), (4, 4)}
+
+
+def test_a_piece_reused_by_content_is_the_earlier_piece_under_its_earlier_signature():
+    """A piece reused by its content key has a new signature (its read box changed) but is the earlier
+    piece: it is taken when no edit reaches it, and its earlier instance is not gone."""
+    earlier = {"old-box": packed(0, 0, 10, 10), "far": packed(100, 100, 110, 110)}
+    finals = {final_key("old-box", 1): (10.0, 0.9, 1.0, 1.0, "k"), final_key("far", 2): (10.0, 0.9, 1.0, 1.0, "k")}
+    entries = [Entry(None, 0, 1, "new-box", earlier["old-box"], earlier="old-box"),
+               Entry(None, 1, 2, "far", earlier["far"])]
+    p = plan(entries, earlier, finals, chunk=64)
+    assert p.restitch == [False, False] and p.clear.size == 0 and not p.dirty_chunks
+    # without the earlier signature it reads as a piece the earlier run never stitched, and as one gone
+    p = plan([Entry(None, 0, 1, "new-box", earlier["old-box"]), entries[1]], earlier, finals, chunk=64)
+    assert p.restitch == [True, False] and p.clear.tolist() == [1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,8 +41,9 @@ def state():
     chunks = ChunkTable({"ngff": "0.5", "chunk": 64}, {(1, 0, 2): ("d1", "s1"), (0, 3, 1): ("d0", "s0"),
                                                        (0, 0, 12): ("d2", "s2")})
     finals = {f"{0:032x}:1": (12.0, 0.75, 3.5, 4.25, "9" * 32), f"{1:032x}:2": ()}  # an instance; a lost piece
+    contents = {"c" * 32: f"{2:032x}", "a" * 32: "f" * 32}  # content keys of a piece and of a reason
     return RerunState({"mpp": 0.25, "model": {"weights_sha256": "ab"}}, {"next_id": 6, "rows": []}, pieces, outlines,
-                      chunks, finals)
+                      chunks, finals, contents)
 
 
 def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
@@ -56,23 +58,32 @@ def test_state_round_trips_and_the_same_state_writes_the_same_bytes(tmp_path):
     assert back.fingerprint == want.fingerprint and back.ids == want.ids
     assert back.pieces == want.pieces and back.outlines == want.outlines
     assert back.chunks == want.chunks and back.chunks.rows[(0, 3, 1)] == ("d0", "s0")
-    assert back.finals == want.finals
+    assert back.finals == want.finals and back.contents == want.contents
     doc = json.loads((tmp_path / "a" / FOLDER / "state.json").read_bytes())
-    assert doc["format"] == "nuclick-wsi-rerun/3"
+    assert doc["format"] == "nuclick-wsi-rerun/4"
+    assert doc["contents"]["rows"] == [["a" * 32, "f" * 32], ["c" * 32, f"{2:032x}"]]  # sorted by key
     assert [row[:3] for row in doc["chunks"]["rows"]] == [[0, 0, 12], [0, 3, 1], [1, 0, 2]]  # sorted by key
+
+
+def as_older_format(folder, fmt: str, *dropped: str) -> tuple[dict, Path]:
+    """Rewrite the state in ``folder`` as one of format ``fmt`` without its ``dropped`` sections: (doc, path)."""
+    path = folder / FOLDER / "state.json"
+    doc = json.loads(path.read_bytes())
+    doc["format"] = fmt
+    for key in dropped:
+        del doc[key]
+    path.write_text(json.dumps(doc))
+    return doc, path
 
 
 def test_a_state_of_the_older_format_is_read_without_a_chunk_table(tmp_path):
     """/1 (before chunk tables): its ids and pieces still count, so an upgrade keeps the folder's ids."""
     want = state()
     write_state(tmp_path, want)
-    path = tmp_path / FOLDER / "state.json"
-    doc = json.loads(path.read_bytes())
-    doc["format"] = "nuclick-wsi-rerun/1"
-    del doc["chunks"]
-    path.write_text(json.dumps(doc))
+    doc, path = as_older_format(tmp_path, "nuclick-wsi-rerun/1", "chunks", "contents")
     back = read_state(tmp_path, hashlib.sha256(path.read_bytes()).hexdigest())
     assert back.ids == want.ids and back.pieces == want.pieces and not back.chunks.rows and not back.finals
+    assert not back.contents
     doc["format"] = "nuclick-wsi-rerun/0"
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="format 'nuclick-wsi-rerun/0'"):
@@ -116,4 +127,21 @@ def test_final_instances_must_name_pieces_that_gave_an_instance(tmp_path):
     want.finals[f"{2:032x}:3"] = (5.0, 0.5, 1.0, 1.0, "7" * 32)  # a piece of the state, an outline it lacks
     sha = write_state(tmp_path, want)
     with pytest.raises(ValueError, match="names no outline"):
+        read_state(tmp_path, sha)
+
+
+def test_a_state_of_format_3_is_read_with_its_finals_and_no_content_keys(tmp_path):
+    """/3 (before content keys): its finals still count (instances are taken); no piece is reused by content."""
+    want = state()
+    write_state(tmp_path, want)
+    _, path = as_older_format(tmp_path, "nuclick-wsi-rerun/3", "contents")
+    back = read_state(tmp_path, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert back.pieces == want.pieces and back.finals == want.finals and back.contents == {}
+
+
+def test_content_keys_must_name_pieces_of_the_state(tmp_path):
+    want = state()
+    want.contents["b" * 32] = f"{9:032x}"  # no such piece
+    sha = write_state(tmp_path, want)
+    with pytest.raises(ValueError, match="content key .* names no piece"):
         read_state(tmp_path, sha)
