@@ -39,6 +39,7 @@ from nuclick_wsi.io.slides.resolution import require_mpp
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.model.predictor import Predictor
 from nuclick_wsi.model.weights import LoadedModel
+from nuclick_wsi.outputs.asked import asked_section
 from nuclick_wsi.outputs.commit import commit_outputs, write_polygons
 from nuclick_wsi.io.annotations.qupath import OBJECT_TYPES
 from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
@@ -320,6 +321,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
         predictor = (nuclei or gland)[1].predictor
         report = segment_report(slide=slide, prompts=prompts, slide_path=where["slide_path"],
                                 points_path=where["points_path"], points_sha=where["points_sha"], mpp=mpp, nuclei=nuclei, gland=gland,
+                                asked=asked_section(opts, nuclei and nuclei[0], gland and gland[0]),
                                 predictor=predictor, paths=paths, timer=timer,
                                 wall=time.perf_counter() - where["t_start"])
         if nuclei is not None:

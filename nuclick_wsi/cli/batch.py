@@ -48,8 +48,9 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
           propose=False, detector_weights=None) -> None:
     """Segment every row of MANIFEST (CSV: slide,points[,mpp,weights,stem]) into OUT/<stem>.*.
 
-    Every row is checked before any work starts. Slides whose outputs are complete are skipped, so a
-    rerun resumes; a failed slide is recorded (OUT/<stem>.failed.json) and the others go on. Several
+    Every row is checked before any work starts. Slides whose outputs are complete, and were made with
+    the same options (model, thresholds, formats, um/px, frame...; not device or batch size), are
+    skipped, so a rerun resumes (--full redoes every slide); a failed slide is recorded (OUT/<stem>.failed.json) and the others go on. Several
     processes (or SLURM array tasks) may run on one manifest and folder: lock files keep them off
     each other's slides. Exit status 1 if a slide failed.
     """
@@ -76,7 +77,7 @@ def batch(manifest, out_dir, formats, object_type, gzip, threshold, min_object_p
                         stale_after=stale_lock_after, wait=wait, slides_in_flight=slides_in_flight,
                         summary=not no_summary)
     if dry_run or summary_only:
-        res = state(man, out_dir, opts, write=summary_only)
+        res = state(man, out_dir, opts, write=summary_only, models=models if dry_run else None)
         shown = [r for r in res.results if r.row.stem in set(res.selected)]
         todo = [r for r in shown if r.status != "complete"]
         click.echo(format_summary(shown))

@@ -20,7 +20,8 @@ def qupath() -> None:
 @format_option("Polygon outputs besides QuPath GeoJSON, comma-separated: qupath, asap, geoparquet.")
 @object_type_option()
 @click.option("--roi", is_flag=True, help="Only clicks inside each image's exported area annotations.")
-@click.option("--force", is_flag=True, help="Redo images whose results are complete.")
+@click.option("--force", is_flag=True, help="Redo every image, also those whose results are complete and made with the same options "
+                                         "(other weights, object type, formats... redo an image without it).")
 @click.option("--gland-weights", type=str, default=None,
               help="Gland model for the squiggles (line annotations), if the clicks have any.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the summary.")

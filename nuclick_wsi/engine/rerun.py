@@ -42,7 +42,7 @@ import torch
 from nuclick_wsi import __version__
 from nuclick_wsi.engine.identity import IdTable
 from nuclick_wsi.model.runtime import openvino_version
-from nuclick_wsi.model.weights import weights_sha256
+from nuclick_wsi.outputs.asked import model_identity
 from nuclick_wsi.store.chunks import ChunkTable
 from nuclick_wsi.store.labels import is_complete
 from nuclick_wsi.store.rerun import PackedPiece, RerunState, read_state
@@ -67,8 +67,7 @@ def fingerprint(slide, slide_path, mpp: float, model, predictor, batch_size: int
         "slide": {**file, "reader": slide.reader, "width": slide.width, "height": slide.height,
                   "bounds_offset": list(slide.bounds_offset)},
         "mpp": float(mpp),
-        "model": {"weights_sha256": weights_sha256(model.net), "arch": model.arch, "arch_args": model.arch_args,
-                  "patch_size": model.patch_size, "mpp": model.mpp, "postprocess": model.postprocess},
+        "model": model_identity(model),
         "compute": {"device": str(predictor.device), "precision": predictor.precision.name,
                     "runtime": predictor.runtime.name, "openvino": openvino_version() if predictor.runtime.name == "openvino" else None,
                     "tta": predictor.tta,

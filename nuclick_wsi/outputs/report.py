@@ -50,9 +50,12 @@ def gland_model_section(model, run) -> dict[str, Any]:
 
 
 def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nuclei, gland, predictor,
-                   paths: dict, timer, wall: float, points_sha: str | None = None) -> dict[str, Any]:
+                   paths: dict, timer, wall: float, points_sha: str | None = None,
+                   asked: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report of one slide. ``nuclei``/``gland``: (model, run) of each kind of prompt, or None;
-    ``points_sha``: SHA-256 of the clicks file as read (batch and qupath run redo a slide whose file differs)."""
+    ``points_sha``: SHA-256 of the clicks file as read (batch and qupath run redo a slide whose file differs);
+    ``asked``: what the run was asked for (:func:`~nuclick_wsi.outputs.asked.asked_section`; batch and
+    qupath run redo a slide asked for something else)."""
     clicks = nuclei[1].records() if nuclei else []
     n_seg = len(nuclei[1].instances) if nuclei else 0
     model = nuclei[0] if nuclei else None
@@ -65,6 +68,7 @@ def segment_report(*, slide, prompts, slide_path, points_path, mpp: float, nucle
         "mpp": {"slide": mpp, "source": slide.mpp_source, "model": model.mpp if model else None,
                 "level0_px_per_model_px": nuclei[1].strategy.scale if nuclei else None},
         "model": model_section(*nuclei) if nuclei else None,
+        "asked": asked,
         "device": predictor.description,
         "precision": {"name": predictor.precision.name, "reason": predictor.precision.reason},
         "runtime": {"name": predictor.runtime.name, "reason": predictor.runtime.reason},

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tests.helpers import (NUCLICK, SUB_ENV, batch_cli, deterministic_files, disk_model, leftovers, make_cohort,
@@ -25,6 +26,7 @@ from nuclick_wsi.workflows.cohort import (
     read_manifest,
     run_batch,
     select_rows,
+    summary_only,
     write_manifest,
 )
 from nuclick_wsi.errors import NuclickError
@@ -449,8 +451,12 @@ def test_task_index_runs_one_row(tmp_path):
     res = run_batch(manifest, tmp_path / "out", quick(task_index=2), models=Models(nuclei=disk_model()))
     assert [r.status for r in res.results] == ["pending", "pending", "segmented"]
     assert res.selected == ["s2"]
+    state = summary_only(manifest, tmp_path / "out", quick(), write=False, models=Models(nuclei=disk_model()))
+    assert [r.status for r in state.results] == ["pending", "pending", "complete"]
     res = CliRunner().invoke(main, ["batch", str(manifest), "-o", str(tmp_path / "out"), "--dry-run"])
-    assert res.exit_code == 0 and "2 of the 3 selected would be segmented" in res.output
+    # the CLI's embedded model is not the one s2 was made with: s2 would be redone too
+    assert res.exit_code == 0 and "3 of the 3 selected would be segmented" in res.output
+    assert "weights changed" in res.output
     write_manifest(tmp_path / "copy.csv", [{"slide": r.slide, "points": r.points, "stem": r.stem}
                                            for r in read_manifest(manifest).rows])
     assert [r.stem for r in read_manifest(tmp_path / "copy.csv").rows] == ["s0", "s1", "s2"]
@@ -498,3 +504,91 @@ def test_summary_only_rewrites_a_stale_index(tmp_path):
     assert res.returncode == 0, res.stderr
     index = (out / "index.html").read_text(encoding="utf-8")
     assert 'data-v="pending"' not in index and 'href="s1.qc.html"' in index
+
+
+def _again(manifest: Path, out: Path, models: Models | None = None, **seg) -> tuple[str, str]:
+    """One more batch run of a one-row manifest: the row's status and the line the user saw."""
+    lines: list[str] = []
+    res = run_batch(manifest, out, quick(segment=SegmentOptions(progress=False, **seg)),
+                    models=models or Models(nuclei=disk_model()), log=lines.append)
+    return res.results[0].status, lines[0]
+
+
+def test_batch_redoes_a_row_asked_for_something_else_and_says_why(tmp_path):
+    """A slide counts as done only when its earlier run was asked for the same thing (was: complete
+    outputs skipped whatever the threshold, weights, object type, formats, um/px, frame or --qc)."""
+    manifest = make_cohort(tmp_path, n=1, clicks=3, size=(160, 128), weights=False)
+    out = tmp_path / "out"
+    assert _again(manifest, out)[0] == "segmented"
+    # what does not change the results' meaning: skipped
+    assert _again(manifest, out, device="cpu", precision="fp32", batch_size=2, runtime="torch") == \
+        ("complete", "[1/1] s0: outputs complete, skipped")
+    retrained = disk_model()
+    retrained.net.dummy.data += 1.0  # other weights, same everything else
+    cases = [({"models": Models(nuclei=disk_model(), postprocess={"nuclei": {"threshold": 0.4}})}, "threshold changed"),
+             ({"models": Models(nuclei=disk_model(min_object_px=5, min_hole_px=3))}, "min_hole_px, min_object_px changed"),
+             ({"models": Models(nuclei=retrained)}, "model weights changed"),
+             ({"object_type": "annotation"}, "object type changed"),
+             ({"reader": "tifffile"}, "slide reader changed"),
+             ({"mpp": 0.3}, "slide um/px (--mpp or the manifest's) changed"),
+             ({"bounds_offset": False}, "bounds offset changed"),
+             ({"tta": True}, "test-time augmentation changed"),
+             ({"formats": ("qupath", "asap")}, "formats changed"),  # outputs missing: redone, and said why
+             ({"gzip": True}, "gzip changed")]
+    for kw, why in cases:
+        for again in (kw, {}):  # the change, then back: each redoes the row and says why
+            status, line = _again(manifest, out, **again)
+            assert status == "segmented" and line.startswith(f"[1/1] s0: redone: {why}; 3 of 3 clicks segmented"), \
+                (again, line)
+            assert _again(manifest, out, **again)[0] == "complete", again  # asked again: done
+    # the redo is an ordinary segment run: incremental where its own fingerprint allows
+    assert _again(manifest, out, object_type="annotation")[0] == "segmented"
+    assert json.loads((out / "s0.report.json").read_text())["rerun"]["mode"] == "incremental"
+    # --qc after --no-qc redoes; --no-qc after --qc does not (the outlines asked for are there, the page is extra)
+    assert _again(manifest, out, object_type="annotation", qc=True)[1].startswith("[1/1] s0: redone: QC page missing")
+    assert _again(manifest, out, object_type="annotation", qc=True)[0] == "complete"
+    assert _again(manifest, out, object_type="annotation")[0] == "complete" and (out / "s0.qc.html").exists()
+    # --full redoes every time
+    for _ in range(2):
+        assert _again(manifest, out, full=True)[1].startswith("[1/1] s0: redone: --full; ")
+    # the manifest's um/px and frame columns are asked for too
+    (tmp_path / "m2.csv").write_text("slide,points,mpp,bounds_offset\nslides/s0.tif,clicks/s0.csv,0.3,false\n")
+    status, line = _again(tmp_path / "m2.csv", out)
+    assert status == "segmented" and "redone: bounds offset, slide um/px (--mpp or the manifest's) changed" in line
+    assert _again(tmp_path / "m2.csv", out)[0] == "complete"
+    # --dry-run counts a row it would redo, with the reason
+    m2 = tmp_path / "m2.csv"
+    state = summary_only(m2, out, quick(), write=False, models=Models(nuclei=disk_model(threshold=0.45)))
+    assert [(r.status, r.error) for r in state.results] == [("pending", "would be redone: threshold changed")]
+    assert [r.status for r in summary_only(m2, out, quick(), write=False).results] == ["complete"]  # --summary-only
+    res = CliRunner().invoke(main, ["batch", str(m2), "-o", str(out), "--dry-run"])  # the embedded model
+    assert res.exit_code == 0 and "1 of the 1 selected would be segmented" in res.output, res.output
+
+
+def test_batch_keeps_the_old_rule_for_reports_without_asked(tmp_path):
+    """A report of an older nuclick-wsi (no ``asked`` section): complete outputs are done, as then."""
+    manifest = make_cohort(tmp_path, n=1, clicks=2, size=(128, 128), weights=False)
+    out = tmp_path / "out"
+    assert _again(manifest, out)[0] == "segmented"
+    report = json.loads((out / "s0.report.json").read_text())
+    del report["asked"]
+    (out / "s0.report.json").write_text(json.dumps(report))
+    assert _again(manifest, out, object_type="annotation", qc=True)[0] == "complete"
+    status, line = _again(manifest, out, full=True)
+    assert status == "segmented" and "redone: --full;" in line
+
+
+def test_batch_redoes_a_row_whose_weights_file_was_retrained(tmp_path):
+    """The manifest's weights column names a file trained again since (same path, other weights)."""
+    from nuclick_wsi.model.architectures.unet import LightUNet
+    from nuclick_wsi.model.weights import save_checkpoint
+
+    manifest = make_cohort(tmp_path, n=1, clicks=2, size=(128, 128), weights=True)
+    out = tmp_path / "out"
+    assert _again(manifest, out, models=Models())[0] == "segmented"
+    assert _again(manifest, out, models=Models())[0] == "complete"
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "w.pt", LightUNet((8, 16, 32, 64)), "light-unet", {"widths": [8, 16, 32, 64]},
+                    {"mpp": 0.25, "patch_size": 128, "task": "nuclei", "postprocess": {"threshold": 0.3}})
+    status, line = _again(manifest, out, models=Models())
+    assert status == "segmented" and "redone: model weights changed" in line

@@ -181,8 +181,8 @@ def test_project_runs_end_to_end_and_skips_on_rerun(two_images):
     summary = json.loads((results / "summary.json").read_text())
     assert summary["counts"] == {"segmented": 2} and summary["images"][0]["name"] == a.name
 
-    # rerun: complete results are skipped, the model is not even needed
-    run = qp.run_project(proj, models=Models(nuclei="/nonexistent.pt"))
+    # rerun: complete results made with the same model and options are skipped
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()))
     assert [o.status for o in run.images] == ["complete", "complete"]
     # clicks changed after the results: that image is redone; --force redoes everything
     clicks_b = proj.parent / "nuclick" / "clicks" / f"{b.name}.geojson"
@@ -192,6 +192,46 @@ def test_project_runs_end_to_end_and_skips_on_rerun(two_images):
     assert [o.status for o in run.images] == ["complete", "segmented"]
     run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False), force=True)
     assert [o.status for o in run.images] == ["segmented", "segmented"]
+
+
+def test_project_rerun_redoes_images_asked_for_something_else(two_images):
+    """``qupath run`` with other weights, object type, formats, frame, --qc or --full redoes complete
+    results and says why (was: skipped until --force); device and batch size do not."""
+    proj, a, b = two_images
+    lines: list[str] = []
+
+    def again(models=None, **kw):
+        lines.clear()
+        run = qp.run_project(proj, models=models or Models(nuclei=disk_model()),
+                             options=SegmentOptions(progress=False, **kw), log=lines.append)
+        return [o.status for o in run.images]
+
+    assert again() == ["segmented", "segmented"]
+    assert again(device="cpu", batch_size=3, precision="fp32") == ["complete", "complete"]
+    other = disk_model()
+    other.net.dummy.data -= 1.0
+    for kw, why in (({"models": Models(nuclei=other)}, "model weights changed"),
+                    ({"object_type": "annotation"}, "object type changed"),
+                    ({"formats": ("qupath", "geoparquet")}, "formats changed"),
+                    ({"mpp": 0.3}, "slide um/px (--mpp or the manifest's) changed"),
+                    ({"tta": True}, "test-time augmentation changed")):
+        assert again(**kw) == ["segmented", "segmented"], kw
+        assert lines[0].startswith(f"{a.name}: segmented: redone: {why}; 2 of 2 clicks segmented"), lines
+        assert again(**kw) == ["complete", "complete"], kw
+        assert again() == ["segmented", "segmented"] and f"redone: {why}; " in lines[1], lines
+    assert again(qc=True) == ["segmented", "segmented"] and "redone: QC page missing (--qc); " in lines[0]
+    assert again() == ["complete", "complete"]  # --no-qc after --qc: done
+    assert again(full=True) == ["segmented", "segmented"] and "redone: --full; " in lines[0]
+    # the frame is the project's rule unless forced: forcing the other frame redoes
+    run = qp.run_project(proj, models=Models(nuclei=disk_model()), options=SegmentOptions(progress=False),
+                         bounds_offset=False)
+    assert [o.status for o in run.images] == ["segmented", "segmented"] and "bounds offset changed" in run.images[0].message
+    # a report of an older nuclick-wsi (no "asked" section): complete results are done, whatever the options
+    report = proj.parent / "nuclick" / "results" / f"{a.name}.report.json"
+    data = json.loads(report.read_text())
+    del data["asked"]
+    report.write_text(json.dumps(data))
+    assert again(object_type="annotation")[0] == "complete"
 
 
 def test_clicks_exported_again_during_the_run_are_not_taken_as_done(two_images, monkeypatch):

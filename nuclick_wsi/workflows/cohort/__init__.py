@@ -25,9 +25,10 @@ jobs):
 * outputs are written under temporary names and renamed when complete (``report.json`` last), so a
   killed process leaves no partial output; its temporaries are removed by the next process that
   takes the slide's lock;
-* a slide whose outputs are complete (and newer than its slide and clicks files) is skipped, so a
-  rerun resumes where a killed or failed run stopped, and redoes a slide whose clicks were
-  exported again;
+* a slide whose outputs are complete (and newer than its slide and clicks files, and made with the
+  same options: :mod:`nuclick_wsi.workflows.redo`) is skipped, so a rerun resumes where a killed or
+  failed run stopped, and redoes a slide whose clicks were exported again or whose earlier run was
+  asked for something else (saying why); ``--full`` redoes every slide;
 * a slide that fails leaves ``OUT/<stem>.failed.json`` (its error) and the others go on.
 
 ``OUT/batch-summary.csv`` records every row's state at the end of each run.

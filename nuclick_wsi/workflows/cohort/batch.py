@@ -25,7 +25,8 @@ from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.outputs.safety import refuse_input_among
 from nuclick_wsi.outputs.signals import signals_as_interrupt
 from nuclick_wsi.pipeline import SegmentOptions, segment
-from nuclick_wsi.qc import index_row, write_index
+from nuclick_wsi.qc import index_row, qc_paths, write_index
+from nuclick_wsi.workflows.redo import redo_reason
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -63,12 +64,29 @@ def row_complete(row: ManifestRow, paths: dict[str, Path], ngff: str | None = No
     return outputs_fresh(paths, [row.slide, row.points], ngff, clicks=row.points)
 
 
-def disk_state(row: ManifestRow, out_dir: Path, opts: BatchOptions) -> SlideResult:
-    """A row's state from what is in ``out_dir`` (complete, failed, running or pending)."""
+def row_options(row: ManifestRow, so: SegmentOptions) -> SegmentOptions:
+    """The batch's segment options with the row's um/px and frame, where the manifest gives them."""
+    return dataclasses.replace(so, mpp=row.mpp if row.mpp is not None else so.mpp,
+                               bounds_offset=so.bounds_offset if row.bounds_offset is None else row.bounds_offset)
+
+
+def row_models_of(row: ManifestRow, models: Models) -> Models:
+    """The batch's models with the row's nucleus weights, where the manifest gives them."""
+    return models.with_nuclei(str(row.weights) if row.weights is not None else None)
+
+
+def disk_state(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: Models | None = None) -> SlideResult:
+    """A row's state from what is in ``out_dir`` (complete, failed, running or pending). With ``models``
+    (``--dry-run``): complete outputs that this batch would redo (``--full``, or asked for something
+    else) are pending, with the reason as their error."""
     so = opts.segment
     paths = output_paths(out_dir, row.stem, so.formats, so.gzip)
     if row_complete(row, paths, so.ngff):
-        return SlideResult(row, "complete", *_totals(_read_json(paths["report"])))
+        why = None if models is None else redo_reason(paths["report"], row_options(row, so), row_models_of(row, models),
+                                                      qc_paths(out_dir, row.stem).values())
+        if why is None:
+            return SlideResult(row, "complete", *_totals(_read_json(paths["report"])))
+        return SlideResult(row, "pending", error=f"would be redone: {why}")
     holder = FileLock(out_dir / f"{row.stem}{LOCK_SUFFIX}", opts.stale_after).state()
     if holder is not False:
         return SlideResult(row, "running", holder=holder.describe() if holder else "")
@@ -88,16 +106,17 @@ def process_row(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: Mod
         remove_temporaries(out_dir, stem_file_names(row.stem))
         so = opts.segment
         paths = output_paths(out_dir, row.stem, so.formats, so.gzip)
-        if row_complete(row, paths, so.ngff):
+        seg_opts, row_models = row_options(row, so), row_models_of(row, models)
+        complete = row_complete(row, paths, so.ngff)
+        redone = None  # also said when outputs are missing because the formats changed
+        if complete or paths["report"].exists():
+            redone = redo_reason(paths["report"], seg_opts, row_models, qc_paths(out_dir, row.stem).values())
+        if complete and redone is None:
             remove_path(failed_path)
             return SlideResult(row, "complete", *_totals(_read_json(paths["report"])))
         t0 = time.perf_counter()
         try:
-            seg_opts = dataclasses.replace(so, mpp=row.mpp if row.mpp is not None else so.mpp,
-                                           bounds_offset=so.bounds_offset if row.bounds_offset is None else row.bounds_offset)
-            res = segment(row.slide, row.points, out_dir, options=seg_opts,
-                          models=models.with_nuclei(str(row.weights) if row.weights is not None else None),
-                          stem=row.stem)
+            res = segment(row.slide, row.points, out_dir, options=seg_opts, models=row_models, stem=row.stem)
         except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the others
             record = {"stem": row.stem, "slide": str(row.slide), "points": str(row.points), "error": first_line(exc, typed=not isinstance(exc, NuclickError)),
                       "type": type(exc).__name__, "host": HOST, "pid": os.getpid(),
@@ -109,7 +128,7 @@ def process_row(row: ManifestRow, out_dir: Path, opts: BatchOptions, models: Mod
             return SlideResult(row, "failed", seconds=time.perf_counter() - t0, error=record["error"])
         remove_path(failed_path)
         clicks, segmented, _ = _totals(res.report)
-        return SlideResult(row, "segmented", clicks, segmented, time.perf_counter() - t0)
+        return SlideResult(row, "segmented", clicks, segmented, time.perf_counter() - t0, redone=redone or "")
     finally:
         lock.release()
 
@@ -169,7 +188,8 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     def report(res: SlideResult) -> None:
         k = f"[{position[res.row.stem]}/{n}] {res.row.stem}"
         if res.status == "segmented":
-            say(f"{k}: {res.segmented} of {res.clicks} clicks segmented in {res.seconds:.1f} s")
+            redone = f"redone: {res.redone}; " if res.redone else ""
+            say(f"{k}: {redone}{res.segmented} of {res.clicks} clicks segmented in {res.seconds:.1f} s")
         elif res.status == "complete":
             say(f"{k}: outputs complete, skipped")
         elif res.status == "running":
@@ -219,13 +239,15 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
 
 
 def summary_only(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike,
-                 options: BatchOptions | None = None, *, write: bool = True) -> BatchResult:
-    """Every row's state from the output folder, without running anything (and the summary file)."""
+                 options: BatchOptions | None = None, *, write: bool = True, models: Models | None = None) -> BatchResult:
+    """Every row's state from the output folder, without running anything (and the summary file).
+    ``models``: also compare each complete row's earlier run with what this batch asks (``--dry-run``,
+    see :func:`disk_state`); without, complete outputs are complete whatever they were asked for."""
     opts = options or BatchOptions()
     man = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     rows = select_rows(man, only=opts.only, task_index=opts.task_index, rows_per_task=opts.rows_per_task)
     out = Path(out_dir)
-    results = [disk_state(r, out, opts) for r in man.rows]
+    results = [disk_state(r, out, opts, models if r in rows else None) for r in man.rows]
     batch = BatchResult(results=results, selected=[r.stem for r in rows])
     if write and out.is_dir():
         batch.summary_path = write_summary(out, results, stale_after=opts.stale_after)

@@ -30,6 +30,7 @@ class SlideResult:
     seconds: float | None = None
     error: str = ""
     holder: str = ""  #: for ``running``: host:pid of the process holding the slide
+    redone: str = ""  #: for ``segmented``: why outputs that were complete were redone ("threshold changed")
 
     def as_summary_row(self) -> dict[str, Any]:
         skipped = None if self.clicks is None or self.segmented is None else self.clicks - self.segmented

@@ -19,7 +19,8 @@ from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.pipeline import SegmentOptions, segment
-from nuclick_wsi.qc import index_row, write_index
+from nuclick_wsi.qc import index_row, qc_paths, write_index
+from nuclick_wsi.workflows.redo import redo_reason
 from nuclick_wsi.io.slides.registry import open_slide
 
 
@@ -39,6 +40,7 @@ class ImageOutcome:
     totals: dict[str, Any] = field(default_factory=dict)
     bounds: str = ""
     seconds: float = 0.0
+    redone: str | None = None  #: why results that were complete were redone ("model weights changed")
 
 
 @dataclass
@@ -69,8 +71,10 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
     For each image with ``PROJECT/nuclick/clicks/<name>.geojson``: resolve its slide from the
     project's URI, choose the frame (:func:`bounds_rule`, unless ``bounds_offset`` is given),
     segment, and write ``PROJECT/nuclick/results/<name>.geojson`` with ``<name>.labels.zarr`` and
-    ``<name>.report.json`` beside it. Images whose outputs are complete and newer than their
-    clicks are skipped (``force`` redoes them); an image that fails is reported and the others go
+    ``<name>.report.json`` beside it. Images whose outputs are complete, newer than their clicks
+    and made with the same options (model, thresholds, object type, formats, frame, um/px...; not
+    device or batch size: :mod:`nuclick_wsi.workflows.redo`) are skipped (``force`` and
+    ``options.full`` redo them); an image that fails is reported and the others go
     on. Models are loaded once, when the first image needs them. A summary is written to
     ``PROJECT/nuclick/results/summary.json``.
 
@@ -123,7 +127,7 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
         out = ImageOutcome(name=image.name, status="failed", clicks=proj.clicks_file(image))
         outcomes.append(out)
         try:
-            image_opts = _prepare(proj, image, out, opts, by_file,
+            image_opts = _prepare(proj, image, out, opts, models, by_file,
                                   force or (out.clicks is not None and str(out.clicks) in redo), bounds_offset)
             if image_opts is not None:
                 _segment_one(image, out, image_opts, models, results, memory)
@@ -147,7 +151,7 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
     return run
 
 
-def _prepare(proj: QuPathProject, image: ProjectImage, out: ImageOutcome, opts: SegmentOptions,
+def _prepare(proj: QuPathProject, image: ProjectImage, out: ImageOutcome, opts: SegmentOptions, models: Models,
              by_file: dict[str, list[ProjectImage]], force: bool, forced: bool | None) -> SegmentOptions | None:
     """The options for one image, or None when there is nothing to do (``out`` says why)."""
     if out.clicks is None:
@@ -162,12 +166,21 @@ def _prepare(proj: QuPathProject, image: ProjectImage, out: ImageOutcome, opts: 
     if image.problem:
         raise NuclickError(image.problem)
     paths = output_paths(proj.results_dir, image.file_name, opts.formats, opts.gzip)
-    if not force and outputs_fresh(paths, [out.clicks], opts.ngff, clicks=out.clicks):
-        out.status, out.message = "complete", "results complete and newer than the clicks"
-        out.outputs = {k: str(p) for k, p in paths.items()}
-        return None
+    fresh = not force and outputs_fresh(paths, [out.clicks], opts.ngff, clicks=out.clicks)
+    if fresh and (image.path is None or not image.path.exists()):  # cannot be redone: done, as before
+        return _complete(out, paths)
     image_opts, out.bounds = _image_options(image, opts, forced)
+    if not force and paths["report"].exists():  # (also said when outputs are missing because the formats changed)
+        # done unless asked for something else (the slide opened above: its frame and um/px are asked too)
+        out.redone = redo_reason(paths["report"], image_opts, models, qc_paths(proj.results_dir, image.file_name).values())
+        if fresh and out.redone is None:
+            return _complete(out, paths)
     return image_opts
+
+
+def _complete(out: ImageOutcome, paths: dict[str, Path]) -> None:
+    out.status, out.message = "complete", "results complete, newer than the clicks and made with the same options"
+    out.outputs = {k: str(p) for k, p in paths.items()}
 
 
 def _segment_one(image: ProjectImage, out: ImageOutcome, opts: SegmentOptions, models: Models,
@@ -177,7 +190,7 @@ def _segment_one(image: ProjectImage, out: ImageOutcome, opts: SegmentOptions, m
     out.status = "segmented"
     t = out.totals = result.report["totals"]
     out.outputs = {k: str(p) for k, p in result.outputs.items()}
-    out.message = f"{t['segmented']} of {t['clicks']} clicks segmented"
+    out.message = f"{'redone: ' + out.redone + '; ' if out.redone else ''}{t['segmented']} of {t['clicks']} clicks segmented"
     if t.get("skipped_by_reason"):
         out.message += " (" + ", ".join(f"{n} {r}" for r, n in t["skipped_by_reason"].items()) + ")"
     if "squiggles" in t:
