@@ -222,6 +222,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                            "weights": safety.local_file(getattr(nuclei_model, "source", None)),
                            "gland weights": safety.local_file(getattr(gland_model, "source", None))},
                           [*paths.values(), *stale, *qc_paths(out_dir, stem).values()])  # written or removed
+    safety.refuse_foreign(paths, qc_paths(out_dir, stem).values())  # a user's own S.xml, S.geojson, ...
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
@@ -326,9 +327,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                 wall=time.perf_counter() - where["t_start"])
         if nuclei is not None:
             report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1], state_sha, labels)
-        commit_outputs(temps, paths, report)
-        for old in stale:
-            remove_path(old)
+        commit_outputs(temps, paths, report, stale=stale, others=qc_paths(paths["report"].parent, stem).values())
     except BaseException as exc:
         for tmp in temps.values():
             remove_path(tmp)

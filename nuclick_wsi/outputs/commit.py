@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from nuclick_wsi import __version__
 from nuclick_wsi._util.fs import atomic_output, remove_path, replace_file
 from nuclick_wsi.io.annotations import write_asap, write_geoparquet, write_qupath
+from nuclick_wsi.outputs.safety import commit_marker
 from nuclick_wsi.records import Instance
 
 
@@ -23,17 +26,36 @@ def write_polygons(instances: list[Instance], temps: dict[str, Path], *, object_
         write_geoparquet(instances, temps["geoparquet"], mpp=mpp)
 
 
-def commit_outputs(temps: dict[str, Path], paths: dict[str, Path], report: dict[str, Any]) -> None:
-    """Write the report, then rename every temporary to its final path, the report last.
+def commit_outputs(temps: dict[str, Path], paths: dict[str, Path], report: dict[str, Any], *,
+                   stale: Iterable[Path] = (), others: Iterable[Path] = ()) -> None:
+    """Write the report, then rename every temporary to its final path, the report last; then remove
+    ``stale`` (outputs of the earlier run that this one does not write).
 
     The report marks completion: the old one goes first, the new one comes in last, so a kill in
-    between leaves a folder that reads as incomplete and is redone.
+    between leaves a folder that reads as incomplete and is redone. Before the old report goes, a
+    marker (:func:`~nuclick_wsi.outputs.safety.commit_marker`) names every output and ``stale`` and
+    ``others`` file (an earlier QC page): they stay known as this tool's until the commit is done, so
+    the run after a kill does not refuse them as a user's files. The marker goes last.
     """
+    stale = list(stale)
     with atomic_output(temps["report"]) as tmp:
         tmp.write_text(report_text(report))
+    marker = write_marker(paths["report"], [*paths.values(), *stale, *others])
     remove_path(paths["report"])
     for key in [k for k in temps if k != "report"] + ["report"]:
         replace_file(temps[key], paths[key])
+    for old in stale:
+        remove_path(old)
+    remove_path(marker)
+
+
+def write_marker(report: Path, files: Iterable[Path]) -> Path:
+    """Write the commit marker beside ``report`` naming ``files`` (see :func:`commit_outputs`); return its path."""
+    marker = commit_marker(report)
+    with atomic_output(marker) as tmp:
+        names = sorted({p.name for p in files})
+        tmp.write_text(json.dumps({"nuclick_wsi_version": __version__, "names": names}, indent=1) + "\n")
+    return marker
 
 
 def report_text(report: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@
   so links and ``..`` do not hide it).
 * :func:`stale_outputs` finds the outputs an earlier run *wrote* (listed in its report, unchanged
   since): only those are removed, never a file found by name.
+* :func:`refuse_foreign` refuses a run whose outputs would replace a file that nothing shows this
+  tool wrote (a user's own ``S.xml`` or ``S.geojson`` in the output folder).
 * :func:`check_free_space` refuses a run that cannot fit before anything is written.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -113,6 +116,61 @@ def stale_outputs(report: Path, keep: Iterable[Path]) -> list[Path]:
             continue
         stale.append(cand)
     return stale
+
+
+def commit_marker(report: Path) -> Path:
+    """The hidden file naming the outputs a commit puts in place beside ``report`` (``.S.nuclick-commit.json``):
+    written before the earlier report goes, removed once the new one is in (see ``commit_outputs``)."""
+    return report.with_name(f".{report.name.removesuffix('.report.json')}.nuclick-commit.json")
+
+
+#: how a report or marker of this tool begins (its first key), also when it was damaged after the run
+_OUR_HEAD = re.compile(r'\s*\{\s*"nuclick_wsi_version"\s*:')
+
+
+def _ours(path: Path) -> dict | None:
+    """The JSON object in ``path`` when this tool wrote it (it holds ``nuclick_wsi_version``), else None;
+    ``{"damaged": True}`` for a file that begins as ours but is no JSON (truncated on a failing disk)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"damaged": True} if _OUR_HEAD.match(text) else None
+    return data if isinstance(data, dict) and "nuclick_wsi_version" in data else None
+
+
+def names_written(report: Path, derived: Iterable[Path] = (), damaged: Iterable[Path] = ()) -> set[str]:
+    """Names beside ``report`` that this tool wrote: the report itself and its ``outputs`` when the report is
+    ours (``damaged`` instead when it is ours but unreadable); ``derived`` (the QC page and review list,
+    made from the report) too; every name of an unfinished commit's marker (a run killed between
+    removing the earlier report and writing its own)."""
+    names: set[str] = set()
+    rep = _ours(report)
+    if rep is not None:
+        outputs = rep.get("outputs") if not rep.get("damaged") else {str(p): str(p) for p in damaged}
+        names |= {report.name, *(Path(d).name for d in derived),
+                  *(Path(str(v)).name for v in (outputs.values() if isinstance(outputs, dict) else ()))}
+    marker = _ours(commit_marker(report))
+    if marker is not None and isinstance(marker.get("names"), list):
+        names |= {str(n) for n in marker["names"]}
+    return names
+
+
+def refuse_foreign(paths: Mapping[str, Path], derived: Iterable[Path] = ()) -> None:
+    """Raise :class:`OutputError` naming the first output (of ``paths``, with its ``report``, or of
+    ``derived``) that exists and that :func:`names_written` does not show this tool wrote.
+
+    A file of ours edited since (an outline moved by hand) is still ours to replace: no time check.
+    """
+    derived = list(derived)
+    ours = names_written(paths["report"], derived, damaged=paths.values())
+    for path in [*paths.values(), *derived]:
+        if os.path.lexists(path) and path.name not in ours:
+            raise OutputError(f"{path} exists and was not written by nuclick-wsi; move it or choose another "
+                              "-o / --stem")
 
 
 def expected_bytes(n_clicks: int, formats: Iterable[str], chunks: int, *, qc: bool = False) -> int:

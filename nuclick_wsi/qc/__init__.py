@@ -14,16 +14,18 @@ From the outputs ``segment`` already wrote (never the model), :func:`write_qc` m
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from nuclick_wsi._util.fs import atomic_output
+from nuclick_wsi.errors import OutputError
 from nuclick_wsi.qc.data import QcInputs, load_outputs
 from nuclick_wsi.qc.review import REVIEW_CLASS, ReviewOptions, review, review_features, write_review
 
 __all__ = ["REVIEW_CLASS", "QcInputs", "ReviewOptions", "index_row", "load_outputs", "qc_paths",
-           "rebuild", "write_index", "write_qc"]
+           "rebuild", "refuse_foreign_index", "write_index", "write_qc"]
 
 INDEX_NAME = "index.html"
 
@@ -96,6 +98,25 @@ def index_row(out_dir: str | Path, stem: str, status: str, *, seconds: float | N
     return row
 
 
+#: what every ``index.html`` :func:`write_index` writes holds (and a page of anyone else hardly does)
+INDEX_SIGNATURE = ('<table id="slides">', 'data-qc="summary"')
+
+
+def refuse_foreign_index(out_dir: str | Path) -> None:
+    """Raise :class:`~nuclick_wsi.errors.OutputError` when ``OUT/index.html`` exists and is not a page
+    :func:`write_index` wrote (a user's own index of the folder): before any work, never replaced."""
+    path = Path(out_dir) / INDEX_NAME
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(4 * 2**20)
+    except OSError:
+        text = ""
+    if not all(mark in text for mark in INDEX_SIGNATURE):
+        raise OutputError(f"{path} exists and was not written by nuclick-wsi; move it or choose another -o")
+
+
 def write_index(out_dir: str | Path, rows: list[dict[str, Any]], title: str = "nuclick-wsi results") -> Path:
     """Write ``OUT/index.html`` (sortable, failures first) from :func:`index_row` rows."""
     from nuclick_wsi.qc.html import index_page
@@ -114,6 +135,7 @@ def rebuild(out_dir: str | Path, stems: list[str] | None = None, *, log=None) ->
     from nuclick_wsi.errors import NuclickError
 
     out = Path(out_dir)
+    refuse_foreign_index(out)
     found = sorted(p.name[: -len(".report.json")] for p in out.glob("*.report.json"))
     stems = list(stems) if stems else found
     written, failures, rows = [], [], []

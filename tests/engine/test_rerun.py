@@ -23,6 +23,7 @@ from nuclick_wsi.engine.clicks import ClickStrategy
 from nuclick_wsi.engine.identity import IdTable
 from nuclick_wsi.io.annotations import read_prompts
 from nuclick_wsi.io.slides.registry import open_slide
+from nuclick_wsi.outputs.commit import write_marker
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
 from nuclick_wsi.store import ngff
 from nuclick_wsi.store.labels import open_labels
@@ -196,8 +197,9 @@ def test_a_corrupt_or_partial_previous_output_is_never_reused(case, damage):
         (state / "pieces.bin").write_bytes(bytes(data))
     elif damage == "state.json truncated":
         (state / "state.json").write_bytes((state / "state.json").read_bytes()[:-40])
-    elif damage == "report missing":  # a run killed between its renames and the report
+    elif damage == "report missing":  # a run killed between its renames and the report (its marker left)
         (out / "slide.report.json").unlink()
+        write_marker(out / "slide.report.json", out.iterdir())
     elif damage == "label store incomplete":
         (out / "slide.labels.zarr" / ".zattrs").unlink()
     elif damage == "report truncated":

@@ -153,6 +153,49 @@ def test_stale_cleanup_removes_only_what_this_tool_wrote(d, tmp_path):
     assert (out / "S.xml").is_file()
 
 
+@pytest.mark.parametrize("name", ["S.xml", "S.geojson", "S.labels.zarr", "S.qc.html", "S.review.geojson", "S.report.json"])
+def test_a_users_file_under_an_output_name_is_refused(d, tmp_path, name):
+    """A pathologist's own ASAP annotations ``OUT/S.xml`` (or QuPath export, a zarr folder, a page) under an
+    output's name: refused before any work, one line naming it, the folder byte-identical (nothing written)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / name
+    if name.endswith(".zarr"):
+        mine.mkdir()
+        (mine / ".zattrs").write_text("{}")
+    else:
+        mine.write_text('{"nuclick_wsi": "look-alike"}' if name.endswith(".json") else "<mine/>")
+    before = snapshot(out)
+    with pytest.raises(OutputError) as err:
+        run(d / "S.tif", geojson_clicks(tmp_path / "c.geojson"), out, "qupath", "asap")
+    assert str(err.value) == f"{mine} exists and was not written by nuclick-wsi; move it or choose another -o / --stem"
+    assert snapshot(out) == before
+
+
+def test_our_own_outputs_are_replaced_also_after_a_hand_edit(d, tmp_path):
+    """A rerun over our outputs (the QC page and review list of an earlier run too; our GeoJSON edited
+    by hand since) replaces them; so does a run over the outputs of an older version (its report)."""
+    clicks = geojson_clicks(tmp_path / "c.geojson")
+    out = tmp_path / "out"
+    segment(d / "S.tif", clicks, out, options=SegmentOptions(progress=False, device="cpu", qc=True, formats=("qupath", "asap")),
+            models=Models(nuclei=disk_model(5.5)))
+    assert (out / "S.qc.html").is_file() and (out / "S.review.geojson").is_file()
+    ours = (out / "S.geojson").read_bytes()
+    (out / "S.geojson").write_bytes(ours.replace(b"100.5", b"101.5"))  # an outline moved in an editor
+    later = time.time() + 5
+    os.utime(out / "S.geojson", (later, later))
+    run(d / "S.tif", clicks, out, "qupath", "asap")
+    assert (out / "S.geojson").read_bytes() == ours and not (out / "S.qc.html").exists()
+    report = json.loads((out / "S.report.json").read_text())
+    report["nuclick_wsi_version"] = "0.0.1"  # an older version: its report lists what it wrote
+    (out / "S.report.json").write_text(json.dumps(report))
+    for name in ("S.qc.html", "S.review.geojson"):  # its QC files, not in the report
+        (out / name).write_text("old page")
+    run(d / "S.tif", clicks, out, "qupath", "asap")
+    assert json.loads((out / "S.report.json").read_text())["nuclick_wsi_version"] != "0.0.1"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no marker, no temporaries left
+
+
 def test_output_folder_inside_a_folder_input_is_refused(tmp_path):
     slide_dir = tmp_path / "S.labels.zarr"  # an input that is a folder with an output's name
     slide_dir.mkdir()

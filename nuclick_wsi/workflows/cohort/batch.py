@@ -25,7 +25,7 @@ from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.outputs.safety import refuse_input_among
 from nuclick_wsi.outputs.signals import signals_as_interrupt
 from nuclick_wsi.pipeline import SegmentOptions, segment
-from nuclick_wsi.qc import index_row, qc_paths, write_index
+from nuclick_wsi.qc import index_row, qc_paths, refuse_foreign_index, write_index
 from nuclick_wsi.workflows.redo import redo_reason
 
 
@@ -179,6 +179,8 @@ def run_batch(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathLike
     rows = select_rows(man, only=opts.only, task_index=opts.task_index, rows_per_task=opts.rows_per_task)
     refuse_manifest_overwrite(man, out_dir)
     out = ensure_writable_dir(out_dir)
+    if opts.segment.qc:
+        refuse_foreign_index(out)  # before any work: a user's own OUT/index.html stays
     models = models or Models()
     say = log or (lambda _m: None)
     done: dict[str, SlideResult] = {}
@@ -250,6 +252,8 @@ def summary_only(manifest: Manifest | str | os.PathLike, out_dir: str | os.PathL
     results = [disk_state(r, out, opts, models if r in rows else None) for r in man.rows]
     batch = BatchResult(results=results, selected=[r.stem for r in rows])
     if write and out.is_dir():
+        if opts.segment.qc:
+            refuse_foreign_index(out)
         batch.summary_path = write_summary(out, results, stale_after=opts.stale_after)
         if opts.segment.qc:  # index.html as the summary says (a job's own index may predate its neighbours' end)
             write_index(out, [index_row(out, r.row.stem, r.status, error=r.error) for r in results])

@@ -21,6 +21,7 @@ from pathlib import Path
 from nuclick_wsi._util.fs import parse_temporary, pid_alive, remove_path, temp_path_for
 from nuclick_wsi.errors import NuclickError, OutputError
 from nuclick_wsi.outputs.paths import POLYGON_SUFFIXES, output_paths
+from nuclick_wsi.outputs.safety import commit_marker
 
 
 LOCK_SUFFIX = ".lock"
@@ -277,9 +278,9 @@ class FileLock:
 
 
 def stem_file_names(stem: str) -> set[str]:
-    """Every file name a slide's run may leave in the output folder (all formats, gzip or not)."""
+    """Every file name a slide's run may leave in the output folder (all formats, gzip or not; the commit marker)."""
     names = {p.name for gz in (False, True) for p in output_paths(".", stem, tuple(POLYGON_SUFFIXES), gz, glands=True).values()}
-    return names | {f"{stem}{FAILED_SUFFIX}", f"{stem}{LOCK_SUFFIX}"}
+    return names | {f"{stem}{FAILED_SUFFIX}", f"{stem}{LOCK_SUFFIX}", commit_marker(Path(f"{stem}.report.json")).name}
 
 
 def remove_temporaries(out_dir: str | os.PathLike, names: set[str]) -> list[Path]:

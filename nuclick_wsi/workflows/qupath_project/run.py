@@ -19,7 +19,7 @@ from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.model.models import Models
 from nuclick_wsi.outputs.paths import output_paths, outputs_fresh
 from nuclick_wsi.pipeline import SegmentOptions, segment
-from nuclick_wsi.qc import index_row, qc_paths, write_index
+from nuclick_wsi.qc import index_row, qc_paths, refuse_foreign_index, write_index
 from nuclick_wsi.workflows.redo import redo_reason
 from nuclick_wsi.io.slides.registry import open_slide
 
@@ -115,6 +115,8 @@ def run_project(project: QuPathProject | str | os.PathLike, *, options: SegmentO
     say = log or (lambda line: None)
     models = models or Models()
     results = proj.results_dir
+    if opts.qc:
+        refuse_foreign_index(results)  # before any work: a user's own results/index.html stays
     if results.is_dir():
         cleanup_temporaries(results)
     by_file: dict[str, list[ProjectImage]] = {}

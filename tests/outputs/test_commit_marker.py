@@ -1,0 +1,77 @@
+"""A run killed in the middle of ``commit_outputs`` (earlier report gone, outputs renamed one by one):
+its marker keeps the outputs known as this tool's, so the next run replaces them instead of refusing
+them as a user's files; a marker that is not ours proves nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nuclick_wsi.errors import OutputError
+from nuclick_wsi.outputs import commit
+from nuclick_wsi.outputs.safety import commit_marker
+from nuclick_wsi.pipeline import Models, SegmentOptions, segment
+from tests.helpers import disk_model, write_tiff_slide
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (it is no Exception, so nothing catches it as an error)."""
+
+
+def run(slide: Path, clicks: Path, out: Path, **kw):
+    opts = SegmentOptions(progress=False, device="cpu", formats=("qupath", "asap"), **kw)
+    return segment(slide, clicks, out, options=opts, models=Models(nuclei=disk_model(5.5)))
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    slide = write_tiff_slide(tmp_path / "S.tif", 384, 384, 0.25)
+    clicks = tmp_path / "c.geojson"
+    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [x, y]}, "properties": {}}
+             for x, y in ((100.5, 100.5), (250.5, 200.5))]
+    clicks.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return slide, clicks
+
+
+def kill_after_first_rename(monkeypatch):
+    real = commit.replace_file
+    calls = []
+
+    def replace_then_die(tmp, final):
+        if calls:
+            raise Killed(final)
+        calls.append(final)
+        real(tmp, final)
+
+    monkeypatch.setattr(commit, "replace_file", replace_then_die)
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_run_killed_mid_commit_is_followed_by_a_successful_run(inputs, tmp_path, monkeypatch, earlier):
+    """``earlier``: over a complete run with its QC page (the report goes first, the page stays)."""
+    out = tmp_path / "out"
+    if earlier:
+        run(*inputs, out, qc=True)
+        assert (out / "S.qc.html").is_file()
+    kill_after_first_rename(monkeypatch)
+    with pytest.raises(Killed):
+        run(*inputs, out)
+    monkeypatch.undo()
+    # what the kill leaves (the temporaries' owner, this process, is alive: pretend it is not there)
+    left = sorted(p.name for p in out.iterdir() if not p.name.startswith(".nuclick-tmp-"))
+    assert "S.report.json" not in left and "S.labels.zarr" in left and commit_marker(out / "S.report.json").exists()
+    res = run(*inputs, out)
+    assert res.report["totals"]["segmented"] == 2 and (out / "S.report.json").is_file()
+    assert not commit_marker(out / "S.report.json").exists() and not (out / "S.qc.html").exists()
+
+
+def test_a_marker_not_written_by_nuclick_wsi_proves_nothing(inputs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "S.xml").write_text("<mine/>")
+    commit_marker(out / "S.report.json").write_text(json.dumps({"names": ["S.xml"]}))
+    with pytest.raises(OutputError, match="S.xml exists and was not written by nuclick-wsi"):
+        run(*inputs, out)
+    assert (out / "S.xml").read_text() == "<mine/>"
