@@ -83,6 +83,18 @@ every rerun the reference's bytes (92 files)::
 The spread rerun's inference alone (the 656 clicks the recompute rule names) took 2.45 s, 0.109 of
 from scratch; a new process spends ~2.2 s outside the pipeline (``import torch`` 1.04 s, the
 package's other imports 0.57 s, OpenVINO 0.14 s, then loading and compiling the model).
+At the end of session 7 (after this session's merges), the same runs: from scratch 23.22 s; local
+284 recomputed, CLI 5.07 s (0.218), watching 2.01 s (0.087); spread 656, CLI 7.30 s (0.314),
+watching 4.58 s (0.197, of which inference 2.58 s = 0.111); 92 files the reference's bytes.
+
+A resampled slide (``--mpp 0.499``: every read resampled, as on a 20x slide with the 40x model),
+``--edits local``, session 7. Before content keys (commit 8c1b042) an edit that widened a region's
+read recomputed the region's other clicks too; with them (``engine/clicks.py content_signature``)
+only patches whose pixels or exclusion map changed are::
+
+    nuclei apart  edits   recomputed  taken  from scratch  CLI rerun      watching rerun
+    46 px         local    324 / 5017  4693   22.67 s       5.19 s (0.23)  2.23 s (0.098)  before
+    46 px         local    236 / 5017  4781   23.58 s       4.87 s (0.21)  1.84 s (0.078)  content keys
 
 Earlier (session 3, same CPU type, load 3-5 from trainings, CLI only, before chunk copies):
 22 px spread 2188 recomputed, ratio 0.47; 22 px local 360, 0.11-0.21; 60 px spread 566, 0.15-0.21;
@@ -111,18 +123,18 @@ from segment import _cpu, make_slide  # noqa: E402 - the benchmark slide of benc
 REFERENCE = """
 import sys
 from nuclick_wsi.pipeline import SegmentOptions, segment
-slide, points, out, precision, bs, formats = sys.argv[1:7]
+slide, points, out, precision, bs, formats, mpp = sys.argv[1:8]
 segment(slide, points, out, options=SegmentOptions(progress=False, device="cpu", precision=precision,
-        batch_size=int(bs), recompute=True, formats=tuple(formats.split(","))))
+        batch_size=int(bs), recompute=True, formats=tuple(formats.split(",")), mpp=float(mpp) if mpp else None))
 """
 
 
 WARM = """
 import json, sys, time
 from nuclick_wsi.pipeline import Models, SegmentOptions, segment
-slide, first, second, out, precision, bs, formats = sys.argv[1:8]
+slide, first, second, out, precision, bs, formats, mpp = sys.argv[1:9]
 opts = SegmentOptions(progress=False, device="cpu", precision=precision, batch_size=int(bs), qc=False,
-                      formats=tuple(formats.split(",")))
+                      formats=tuple(formats.split(",")), mpp=float(mpp) if mpp else None)
 from nuclick_wsi.io.annotations.qupath_writer import FeatureMemory
 from nuclick_wsi.workflows.watch import collect_after
 models, memory = Models(), FeatureMemory()  # held across runs, as `segment --watch` holds them
@@ -157,7 +169,7 @@ def edit(pts: np.ndarray, rng: np.random.Generator, mode: str, spacing: float, a
 def cli(slide: Path, points: Path, out: Path, args) -> float:
     cmd = [sys.executable, "-m", "nuclick_wsi.cli", "segment", str(slide), "--points", str(points), "-o", str(out),
            "--quiet", "--device", "cpu", "--batch-size", str(args.batch_size), "--no-qc", "--precision", args.precision,
-           "--format", args.formats]
+           "--format", args.formats, *(["--mpp", str(args.mpp)] if args.mpp else [])]
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t
@@ -174,7 +186,7 @@ def one_edit(slide: Path, first: Path, first_out: Path, second: Path, work: Path
     t_incr = cli(slide, second, out, args)
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", REFERENCE, str(slide), str(second), str(ref), args.precision,
-                    str(args.batch_size), args.formats], check=True)
+                    str(args.batch_size), args.formats, str(args.mpp or "")], check=True)
     t_ref = time.perf_counter() - t
     a, b = comparable_digests(out), comparable_digests(ref)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -183,7 +195,8 @@ def one_edit(slide: Path, first: Path, first_out: Path, second: Path, work: Path
     shutil.rmtree(warm, ignore_errors=True)
     shutil.copytree(first_out, warm)
     got = subprocess.run([sys.executable, "-c", WARM, str(slide), str(first), str(second), str(warm), args.precision,
-                          str(args.batch_size), args.formats], check=True, capture_output=True, text=True)
+                          str(args.batch_size), args.formats, str(args.mpp or "")], check=True, capture_output=True,
+                         text=True)
     watched = json.loads(got.stdout.strip().splitlines()[-1])
     c = comparable_digests(warm)
     differ += sorted(f"watch:{k}" for k in set(c) | set(b) if c.get(k) != b.get(k))
@@ -205,6 +218,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="fp32", help="fp32 (default: one precision for every run) or bf16")
     ap.add_argument("--formats", default="qupath", help="segment --format (asap adds ~2 s per 1000 nuclei)")
+    ap.add_argument("--mpp", type=float, default=None,
+                    help="Treat the slide as this um/px (segment --mpp): e.g. 0.5 makes every read resampled, as "
+                         "on a 20x slide with the 40x model (the slide is made at 0.25)")
     ap.add_argument("--workdir", default=None, help="Keep the generated slide here (reused when present).")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -220,7 +236,8 @@ def main() -> None:
     shutil.rmtree(first_out, ignore_errors=True)
     t_full = cli(slide, first, first_out, args)
     result = {"slide": f"{args.width} x {args.height}", "clicks": args.clicks, "spacing_px": args.spacing,
-              "formats": args.formats, "precision": args.precision, "cpu": _cpu(), "from_scratch_s": round(t_full, 2)}
+              "formats": args.formats, "precision": args.precision, "mpp": args.mpp, "cpu": _cpu(),
+              "from_scratch_s": round(t_full, 2)}
     for mode in args.edits.split(","):
         second = work / f"edited-{mode}-{args.seed}.csv"
         np.savetxt(second, edit(pts, np.random.default_rng(args.seed), mode, args.spacing), delimiter=",", fmt="%.2f")
