@@ -34,19 +34,21 @@ def commit_outputs(temps: dict[str, Path], paths: dict[str, Path], report: dict[
     The report marks completion: the old one goes first, the new one comes in last, so a kill in
     between leaves a folder that reads as incomplete and is redone. Before the old report goes, a
     marker (:func:`~nuclick_wsi.outputs.safety.commit_marker`) names every output and ``stale`` and
-    ``others`` file (an earlier QC page): they stay known as this tool's until the commit is done, so
-    the run after a kill does not refuse them as a user's files. The marker goes last.
+    ``others`` file (the QC page): they stay known as this tool's, so the run after a kill does not
+    refuse them as a user's files. The marker stays after the commit, naming the outputs and
+    ``others`` (no longer ``stale``): a report deleted by someone else (Snakemake deletes a job's
+    declared output, the report, before it runs the job again) leaves outputs still known as ours.
     """
     stale = list(stale)
     with atomic_output(temps["report"]) as tmp:
         tmp.write_text(report_text(report))
-    marker = write_marker(paths["report"], [*paths.values(), *stale, *others])
+    write_marker(paths["report"], [*paths.values(), *stale, *others])
     remove_path(paths["report"])
     for key in [k for k in temps if k != "report"] + ["report"]:
         replace_file(temps[key], paths[key])
     for old in stale:
         remove_path(old)
-    remove_path(marker)
+    write_marker(paths["report"], [*paths.values(), *others])
 
 
 def write_marker(report: Path, files: Iterable[Path]) -> Path:

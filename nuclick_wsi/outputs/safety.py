@@ -119,8 +119,8 @@ def stale_outputs(report: Path, keep: Iterable[Path]) -> list[Path]:
 
 
 def commit_marker(report: Path) -> Path:
-    """The hidden file naming the outputs a commit puts in place beside ``report`` (``.S.nuclick-commit.json``):
-    written before the earlier report goes, removed once the new one is in (see ``commit_outputs``)."""
+    """The hidden file naming the outputs this tool put in place beside ``report`` (``.S.nuclick-commit.json``):
+    written before the earlier report goes, and again once the new one is in (see ``commit_outputs``)."""
     return report.with_name(f".{report.name.removesuffix('.report.json')}.nuclick-commit.json")
 
 
@@ -145,8 +145,8 @@ def _ours(path: Path) -> dict | None:
 def names_written(report: Path, derived: Iterable[Path] = (), damaged: Iterable[Path] = ()) -> set[str]:
     """Names beside ``report`` that this tool wrote: the report itself and its ``outputs`` when the report is
     ours (``damaged`` instead when it is ours but unreadable); ``derived`` (the QC page and review list,
-    made from the report) too; every name of an unfinished commit's marker (a run killed between
-    removing the earlier report and writing its own)."""
+    made from the report) too; every name of the commit marker (a run killed between removing the
+    earlier report and writing its own, or a report deleted since: Snakemake deletes it to redo a job)."""
     names: set[str] = set()
     rep = _ours(report)
     if rep is not None:

@@ -21,7 +21,7 @@ class Killed(BaseException):
 
 
 def run(slide: Path, clicks: Path, out: Path, **kw):
-    opts = SegmentOptions(progress=False, device="cpu", formats=("qupath", "asap"), **kw)
+    opts = SegmentOptions(progress=False, device="cpu", **{"formats": ("qupath", "asap"), **kw})
     return segment(slide, clicks, out, options=opts, models=Models(nuclei=disk_model(5.5)))
 
 
@@ -64,7 +64,24 @@ def test_a_run_killed_mid_commit_is_followed_by_a_successful_run(inputs, tmp_pat
     assert "S.report.json" not in left and "S.labels.zarr" in left and commit_marker(out / "S.report.json").exists()
     res = run(*inputs, out)
     assert res.report["totals"]["segmented"] == 2 and (out / "S.report.json").is_file()
-    assert not commit_marker(out / "S.report.json").exists() and not (out / "S.qc.html").exists()
+    assert not (out / "S.qc.html").exists()
+    marker = json.loads(commit_marker(out / "S.report.json").read_text())  # kept: names what is ours now
+    assert {"S.geojson", "S.labels.zarr", "S.report.json"} <= set(marker["names"])
+
+
+def test_outputs_whose_report_was_deleted_are_still_ours_and_a_users_file_is_not(inputs, tmp_path):
+    """Snakemake deletes a job's declared output (the report) before running it again, say after the clicks
+    changed: the rerun must replace our other outputs, not refuse them; a user's file stays refused."""
+    out = tmp_path / "out"
+    first = run(*inputs, out, formats=("qupath",))
+    (out / "S.report.json").unlink()
+    again = run(*inputs, out, formats=("qupath",))
+    assert again.report["totals"]["segmented"] == first.report["totals"]["segmented"] == 2
+    (out / "S.report.json").unlink()
+    (out / "S.xml").write_text("<mine/>")  # never written by us, whatever the marker says of S.geojson
+    with pytest.raises(OutputError, match="S.xml exists and was not written by nuclick-wsi"):
+        run(*inputs, out, formats=("qupath", "asap"))
+    assert (out / "S.xml").read_text() == "<mine/>"
 
 
 def test_a_marker_not_written_by_nuclick_wsi_proves_nothing(inputs, tmp_path):

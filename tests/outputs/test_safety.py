@@ -193,7 +193,7 @@ def test_our_own_outputs_are_replaced_also_after_a_hand_edit(d, tmp_path):
         (out / name).write_text("old page")
     run(d / "S.tif", clicks, out, "qupath", "asap")
     assert json.loads((out / "S.report.json").read_text())["nuclick_wsi_version"] != "0.0.1"
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no marker, no temporaries left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".S.nuclick-commit.json"]  # no temporaries
 
 
 def test_output_folder_inside_a_folder_input_is_refused(tmp_path):
