@@ -222,7 +222,9 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                            "weights": safety.local_file(getattr(nuclei_model, "source", None)),
                            "gland weights": safety.local_file(getattr(gland_model, "source", None))},
                           [*paths.values(), *stale, *qc_paths(out_dir, stem).values()])  # written or removed
-    safety.refuse_foreign(paths, qc_paths(out_dir, stem).values())  # a user's own S.xml, S.geojson, ...
+    ours = safety.refuse_foreign(paths, qc_paths(out_dir, stem).values())  # a user's own S.xml, S.geojson, ...
+    if not (opts.qc and "qupath" in paths):  # an earlier QC page goes with the commit (it shows other outlines)
+        stale += [p for p in qc_paths(out_dir, stem).values() if p.name in ours and os.path.lexists(p)]
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
@@ -253,7 +255,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                                                first_label=table.next_id, timer=timer))
         report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,
                                 dict(slide_path=slide_path, points_path=points_path, points_sha=points_sha, t_start=t_start,
-                                     rerun=rerun, table=table, memory=memory))
+                                     rerun=rerun, table=table, memory=memory, ours=ours))
     finally:
         slide.close()
     if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
@@ -268,6 +270,16 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     else:
         _remove_qc(out_dir, stem)
     return SegmentResult(outputs=paths, report=report)
+
+
+def _still_ours(paths: dict[str, Path], stale: list[Path], ours: set[str], stem: str, opts: SegmentOptions) -> list[Path]:
+    """Files besides this run's outputs that the commit marker names as ours: the QC page and review list
+    when QC runs, and earlier outputs of ours kept because they were edited since (a dropped format's
+    file changed by hand: still ours when a later run writes that format again)."""
+    folder, qc = paths["report"].parent, qc_paths(paths["report"].parent, stem)
+    gone = {p.name for p in [*paths.values(), *stale, *qc.values()]}
+    kept = [folder / n for n in sorted(ours - gone) if os.path.lexists(folder / n)]
+    return [*(qc.values() if opts.qc and "qupath" in paths else ()), *kept]
 
 
 def _remove_qc(out_dir, stem: str) -> None:
@@ -327,7 +339,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                 wall=time.perf_counter() - where["t_start"])
         if nuclei is not None:
             report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1], state_sha, labels)
-        commit_outputs(temps, paths, report, stale=stale, others=qc_paths(paths["report"].parent, stem).values())
+        commit_outputs(temps, paths, report, stale=stale, others=_still_ours(paths, stale, where["ours"], stem, opts))
     except BaseException as exc:
         for tmp in temps.values():
             remove_path(tmp)

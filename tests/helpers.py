@@ -244,11 +244,12 @@ def make_cohort(root: Path, n: int = 2, clicks: int = 5, size: tuple[int, int] =
 
 
 def deterministic_files(out: Path) -> dict[str, str]:
-    """sha256 of every output that must be byte-identical run to run (not reports, QC pages, summary, logs)."""
+    """sha256 of every output that must be byte-identical run to run (not reports, QC pages, commit markers,
+    summary, logs)."""
     got = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
-        if (p.is_dir() or rel.startswith("logs/") or rel.endswith((".report.json", ".qc.html"))
+        if (p.is_dir() or rel.startswith("logs/") or rel.endswith((".report.json", ".qc.html", ".nuclick-commit.json"))
                 or rel in ("batch-summary.csv", "index.html")):
             continue
         got[rel] = hashlib.sha256(p.read_bytes()).hexdigest()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nuclick_wsi import __version__
+from nuclick_wsi.outputs.safety import COMMIT_MARKER_SUFFIX
 
 
 def skipped_by_reason(records: list[dict[str, Any]]) -> dict[str, int]:
@@ -99,10 +100,12 @@ RUN_ONLY_FIELDS = ("timings_s", "device", "rerun", "outputs")
 def comparable_digests(out_dir: str | Path) -> dict[str, str]:
     """SHA-256 of every file under ``out_dir`` (by path relative to it), each ``*.report.json`` without
     :data:`RUN_ONLY_FIELDS`: equal for two runs that wrote the same outputs (say, an incremental rerun
-    and a from-scratch run with the same id table). KeyError for a report lacking one of those fields."""
+    and a from-scratch run with the same id table). The hidden commit markers are left out: they name
+    what this tool wrote in the folder, which depends on its history, not on the outputs. KeyError for
+    a report lacking one of those fields."""
     out = Path(out_dir)
     got = {}
-    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+    for p in sorted(q for q in out.rglob("*") if q.is_file() and not q.name.endswith(COMMIT_MARKER_SUFFIX)):
         data = p.read_bytes()
         if p.name.endswith(".report.json"):
             rep = json.loads(data)

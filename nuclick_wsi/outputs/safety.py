@@ -118,10 +118,14 @@ def stale_outputs(report: Path, keep: Iterable[Path]) -> list[Path]:
     return stale
 
 
+#: the end of a commit marker's name (``.S.nuclick-commit.json``)
+COMMIT_MARKER_SUFFIX = ".nuclick-commit.json"
+
+
 def commit_marker(report: Path) -> Path:
     """The hidden file naming the outputs this tool put in place beside ``report`` (``.S.nuclick-commit.json``):
     written before the earlier report goes, and again once the new one is in (see ``commit_outputs``)."""
-    return report.with_name(f".{report.name.removesuffix('.report.json')}.nuclick-commit.json")
+    return report.with_name(f".{report.name.removesuffix('.report.json')}{COMMIT_MARKER_SUFFIX}")
 
 
 #: how a report or marker of this tool begins (its first key), also when it was damaged after the run
@@ -143,25 +147,36 @@ def _ours(path: Path) -> dict | None:
 
 
 def names_written(report: Path, derived: Iterable[Path] = (), damaged: Iterable[Path] = ()) -> set[str]:
-    """Names beside ``report`` that this tool wrote: the report itself and its ``outputs`` when the report is
-    ours (``damaged`` instead when it is ours but unreadable); ``derived`` (the QC page and review list,
-    made from the report) too; every name of the commit marker (a run killed between removing the
-    earlier report and writing its own, or a report deleted since: Snakemake deletes it to redo a job)."""
-    names: set[str] = set()
+    """Names beside ``report`` that this tool wrote.
+
+    * The report itself and its ``outputs`` when the report is ours (``damaged`` instead when it is ours
+      but unreadable).
+    * Every name of the commit marker (a run killed between removing the earlier report and writing its
+      own, or a report deleted since: Snakemake deletes it to redo a job), while a label store it names
+      is still there: a marker left behind after the outputs were deleted proves nothing of a file
+      saved there later.
+    * ``derived`` (the QC page and review list): when that marker names them (the run wrote QC); with no
+      trusted marker (an older nuclick-wsi), whenever the report is ours.
+    """
+    folder = report.parent
+    marker = _ours(commit_marker(report))
+    listed = marker.get("names") if marker is not None else None
+    trusted = ({str(n) for n in listed} if isinstance(listed, list)
+               and any(str(n).endswith(".zarr") and (folder / str(n)).is_dir() for n in listed) else None)
+    names: set[str] = set(trusted or ())
     rep = _ours(report)
     if rep is not None:
         outputs = rep.get("outputs") if not rep.get("damaged") else {str(p): str(p) for p in damaged}
-        names |= {report.name, *(Path(d).name for d in derived),
-                  *(Path(str(v)).name for v in (outputs.values() if isinstance(outputs, dict) else ()))}
-    marker = _ours(commit_marker(report))
-    if marker is not None and isinstance(marker.get("names"), list):
-        names |= {str(n) for n in marker["names"]}
+        names |= {report.name, *(Path(str(v)).name for v in (outputs.values() if isinstance(outputs, dict) else ()))}
+        if trusted is None:
+            names |= {Path(d).name for d in derived}
     return names
 
 
-def refuse_foreign(paths: Mapping[str, Path], derived: Iterable[Path] = ()) -> None:
+def refuse_foreign(paths: Mapping[str, Path], derived: Iterable[Path] = ()) -> set[str]:
     """Raise :class:`OutputError` naming the first output (of ``paths``, with its ``report``, or of
-    ``derived``) that exists and that :func:`names_written` does not show this tool wrote.
+    ``derived``) that exists and that :func:`names_written` does not show this tool wrote; return the
+    names that it shows.
 
     A file of ours edited since (an outline moved by hand) is still ours to replace: no time check.
     """
@@ -169,8 +184,9 @@ def refuse_foreign(paths: Mapping[str, Path], derived: Iterable[Path] = ()) -> N
     ours = names_written(paths["report"], derived, damaged=paths.values())
     for path in [*paths.values(), *derived]:
         if os.path.lexists(path) and path.name not in ours:
-            raise OutputError(f"{path} exists and was not written by nuclick-wsi; move it or choose another "
-                              "-o / --stem")
+            raise OutputError(f"{path} exists and was not written by nuclick-wsi (no {paths['report'].name} or "
+                              "commit marker of ours names it); move it or choose another -o / --stem")
+    return ours
 
 
 def expected_bytes(n_clicks: int, formats: Iterable[str], chunks: int, *, qc: bool = False) -> int:

@@ -5,6 +5,9 @@ them as a user's files; a marker that is not ours proves nothing."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,40 @@ def test_a_marker_not_written_by_nuclick_wsi_proves_nothing(inputs, tmp_path):
     with pytest.raises(OutputError, match="S.xml exists and was not written by nuclick-wsi"):
         run(*inputs, out)
     assert (out / "S.xml").read_text() == "<mine/>"
+
+
+def test_an_output_edited_by_hand_and_kept_when_its_format_was_dropped_stays_ours(inputs, tmp_path):
+    """qupath, edit S.geojson, asap (the edited file is kept, not removed), qupath again: replaced, not refused."""
+    out = tmp_path / "out"
+    run(*inputs, out, formats=("qupath",))
+    edited = out / "S.geojson"
+    edited.write_text(edited.read_text() + "\n")
+    later = time.time() + 5
+    os.utime(edited, (later, later))
+    run(*inputs, out, formats=("asap",))
+    assert edited.read_text().endswith("\n\n")  # kept: changed after the report that listed it
+    run(*inputs, out, formats=("qupath",))
+    assert not edited.read_text().endswith("\n\n")
+
+
+def test_a_marker_left_after_the_outputs_were_deleted_proves_nothing(inputs, tmp_path):
+    """rm -r OUT/S.* leaves the hidden marker: a user's S.xml saved there later is refused, not replaced."""
+    out = tmp_path / "out"
+    run(*inputs, out)
+    for f in out.glob("S.*"):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    (out / "S.xml").write_text("<mine/>")
+    with pytest.raises(OutputError, match="S.xml exists and was not written by nuclick-wsi"):
+        run(*inputs, out)
+    assert (out / "S.xml").read_text() == "<mine/>"
+
+
+@pytest.mark.parametrize("name", ["S.review.geojson", "S.qc.html"])
+def test_a_users_qc_named_file_beside_outputs_made_without_qc_is_refused(inputs, tmp_path, name):
+    """No run wrote QC here: a user's S.review.geojson beside our outputs is theirs (--no-qc would delete it)."""
+    out = tmp_path / "out"
+    run(*inputs, out, qc=False)
+    (out / name).write_text("mine")
+    with pytest.raises(OutputError, match=f"{name} exists and was not written by nuclick-wsi"):
+        run(*inputs, out, qc=False)
+    assert (out / name).read_text() == "mine"

@@ -168,7 +168,8 @@ def test_a_users_file_under_an_output_name_is_refused(d, tmp_path, name):
     before = snapshot(out)
     with pytest.raises(OutputError) as err:
         run(d / "S.tif", geojson_clicks(tmp_path / "c.geojson"), out, "qupath", "asap")
-    assert str(err.value) == f"{mine} exists and was not written by nuclick-wsi; move it or choose another -o / --stem"
+    assert str(err.value) == (f"{mine} exists and was not written by nuclick-wsi (no S.report.json or commit marker "
+                              "of ours names it); move it or choose another -o / --stem")
     assert snapshot(out) == before
 
 
@@ -187,8 +188,9 @@ def test_our_own_outputs_are_replaced_also_after_a_hand_edit(d, tmp_path):
     run(d / "S.tif", clicks, out, "qupath", "asap")
     assert (out / "S.geojson").read_bytes() == ours and not (out / "S.qc.html").exists()
     report = json.loads((out / "S.report.json").read_text())
-    report["nuclick_wsi_version"] = "0.0.1"  # an older version: its report lists what it wrote
+    report["nuclick_wsi_version"] = "0.0.1"  # an older version: its report lists what it wrote, no marker
     (out / "S.report.json").write_text(json.dumps(report))
+    (out / ".S.nuclick-commit.json").unlink()
     for name in ("S.qc.html", "S.review.geojson"):  # its QC files, not in the report
         (out / name).write_text("old page")
     run(d / "S.tif", clicks, out, "qupath", "asap")
