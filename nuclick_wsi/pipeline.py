@@ -218,13 +218,14 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     nuclei_model, gland_model = models.for_prompts(prompts, str(points_path))
     paths = output_paths(out_dir, stem, opts.formats, opts.gzip, glands=gland_model is not None)
     stale = safety.stale_outputs(paths["report"], paths.values())  # only what an earlier run wrote
+    qc, writes_qc = qc_paths(out_dir, stem), opts.qc and "qupath" in paths  # the QC page reads the GeoJSON
     safety.refuse_overlap({"slide": slide_path, "clicks file": points_path,  # weights given or loaded (batch)
                            "weights": safety.local_file(getattr(nuclei_model, "source", None)),
                            "gland weights": safety.local_file(getattr(gland_model, "source", None))},
-                          [*paths.values(), *stale, *qc_paths(out_dir, stem).values()])  # written or removed
-    ours = safety.refuse_foreign(paths, qc_paths(out_dir, stem).values())  # a user's own S.xml, S.geojson, ...
-    if not (opts.qc and "qupath" in paths):  # an earlier QC page goes with the commit (it shows other outlines)
-        stale += [p for p in qc_paths(out_dir, stem).values() if p.name in ours and os.path.lexists(p)]
+                          [*paths.values(), *stale, *qc.values()])  # written or removed
+    ours = safety.refuse_foreign(paths, qc.values())  # a user's own S.xml, S.geojson, ...
+    if not writes_qc:  # an earlier QC page goes with the commit (it shows other outlines)
+        stale += [p for p in qc.values() if p.name in ours and os.path.lexists(p)]
     slide = open_slide(slide_path, mpp=opts.mpp, bounds_offset=opts.bounds_offset, reader=opts.reader)
     try:
         mpp = require_mpp(slide)
@@ -239,7 +240,7 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
         cleanup_temporaries(out_dir)  # temporaries of killed runs (their owner is gone)
         safety.check_free_space(Path(out_dir), safety.expected_bytes(len(reasons) + len(sq_reasons), opts.formats,
                                                                    chunks_touched(prompts, opts.chunk),
-                                                                   qc=opts.qc and "qupath" in paths))
+                                                                   qc=writes_qc))
         timer = Timer()
         nuclei = gland = rerun = None
         if nuclei_model is not None:
@@ -255,10 +256,11 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
                                                first_label=table.next_id, timer=timer))
         report = _run_and_write(slide, prompts, nuclei, gland, paths, stale, stem, mpp, opts, timer,
                                 dict(slide_path=slide_path, points_path=points_path, points_sha=points_sha, t_start=t_start,
-                                     rerun=rerun, table=table, memory=memory, ours=ours))
+                                     rerun=rerun, table=table, memory=memory,
+                                     others=_still_ours(paths, stale, ours, qc, writes_qc)))
     finally:
         slide.close()
-    if opts.qc and "qupath" in paths:  # the QC report reads the outputs just written
+    if writes_qc:  # the QC report reads the outputs just written
         try:
             write_qc(out_dir, stem)
         except BaseException as exc:  # also Ctrl-C / SIGTERM while the page is written
@@ -272,14 +274,15 @@ def segment(slide_path: str | os.PathLike, points_path: str | os.PathLike, out_d
     return SegmentResult(outputs=paths, report=report)
 
 
-def _still_ours(paths: dict[str, Path], stale: list[Path], ours: set[str], stem: str, opts: SegmentOptions) -> list[Path]:
+def _still_ours(paths: dict[str, Path], stale: list[Path], ours: set[str], qc: dict[str, Path],
+                writes_qc: bool) -> list[Path]:
     """Files besides this run's outputs that the commit marker names as ours: the QC page and review list
-    when QC runs, and earlier outputs of ours kept because they were edited since (a dropped format's
-    file changed by hand: still ours when a later run writes that format again)."""
-    folder, qc = paths["report"].parent, qc_paths(paths["report"].parent, stem)
+    (``qc``) when QC runs, and earlier outputs of ours kept because they were edited since (a dropped
+    format's file changed by hand: still ours when a later run writes that format again)."""
+    folder = paths["report"].parent
     gone = {p.name for p in [*paths.values(), *stale, *qc.values()]}
     kept = [folder / n for n in sorted(ours - gone) if os.path.lexists(folder / n)]
-    return [*(qc.values() if opts.qc and "qupath" in paths else ()), *kept]
+    return [*(qc.values() if writes_qc else ()), *kept]
 
 
 def _remove_qc(out_dir, stem: str) -> None:
@@ -339,7 +342,7 @@ def _run_and_write(slide, prompts, nuclei, gland, paths, stale: list[Path], stem
                                 wall=time.perf_counter() - where["t_start"])
         if nuclei is not None:
             report["rerun"] = report_section(where["rerun"], where["table"], nuclei[1], state_sha, labels)
-        commit_outputs(temps, paths, report, stale=stale, others=_still_ours(paths, stale, where["ours"], stem, opts))
+        commit_outputs(temps, paths, report, stale=stale, others=where["others"])
     except BaseException as exc:
         for tmp in temps.values():
             remove_path(tmp)
