@@ -99,11 +99,11 @@ def stale_outputs(report: Path, keep: Iterable[Path]) -> list[Path]:
     A file counts only when the earlier report (written by this tool: ``nuclick_wsi_version``) lists
     it under ``outputs``, it is in the report's folder and it was not modified after the report.
     """
+    data = _ours(report)
     try:
-        data = json.loads(report.read_text(encoding="utf-8"))
-        written = dict(data["outputs"]) if "nuclick_wsi_version" in data else {}
+        written = dict(data["outputs"]) if data is not None and not data.get("damaged") else {}
         done = report.stat().st_mtime_ns
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError):
         return []
     keep_real = {real(p) for p in keep}
     stale = []
